@@ -1,0 +1,66 @@
+"""Optimizer-state accounting: bytes actually held by state tensors, by category.
+
+Storage sizes are summed once per storage (views are not double counted); DTensor state counts
+its local shard, so each rank reports what it holds.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .optimizer_base import local_tensor
+
+
+def unwrap_optimizer(optimizer):
+    """The innermost optimizer (accelerate's AcceleratedOptimizer and similar wrappers)."""
+    seen = set()
+    while hasattr(optimizer, "optimizer") and id(optimizer) not in seen:
+        seen.add(id(optimizer))
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def optimizer_state_bytes(optimizer) -> dict[str, int]:
+    """{"total": bytes, <category>: bytes, ...} over every tensor in ``optimizer.state``."""
+    opt = unwrap_optimizer(optimizer)
+    categories = getattr(opt, "STATE_CATEGORIES", {})
+    seen: set[tuple] = set()
+    out: dict[str, int] = {"total": 0}
+    for state in opt.state.values():
+        for key, value in state.items():
+            if not torch.is_tensor(value):
+                continue
+            t = local_tensor(value)
+            storage = t.untyped_storage()
+            ident = (storage.data_ptr(), t.device, storage.nbytes())
+            if ident in seen:
+                continue
+            seen.add(ident)
+            cat = categories.get(key, "other")
+            out[cat] = out.get(cat, 0) + storage.nbytes()
+            out["total"] += storage.nbytes()
+    return out
+
+
+def trainable_parameter_count(optimizer) -> int:
+    """Number of (local) parameter elements the optimizer updates."""
+    opt = unwrap_optimizer(optimizer)
+    seen = set()
+    total = 0
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += local_tensor(p).numel()
+    return total
+
+
+def optimizer_memory_report(optimizer) -> dict[str, float]:
+    """State bytes (total and per category) and bytes per trainable parameter."""
+    by_cat = optimizer_state_bytes(optimizer)
+    n = trainable_parameter_count(optimizer)
+    report: dict[str, float] = {"optimizer_state_bytes": by_cat.pop("total")}
+    for cat, b in sorted(by_cat.items()):
+        report[f"optimizer_state_bytes/{cat}"] = b
+    report["optimizer_state_bytes_per_param"] = report["optimizer_state_bytes"] / n if n else 0.0
+    return report

@@ -1,0 +1,174 @@
+"""MicroAdam: Adam whose moments are rebuilt every step from a window of top-k compressed gradients.
+
+Per parameter and step (Modoranu et al., NeurIPS 2024, practical algorithm):
+
+1. ``a = g + Q^-1(e)``: add the dequantized 4-bit error-feedback buffer to the gradient;
+2. keep the top-k entries of ``|a|`` per block (k = ceil(density * block length)) and write their
+   (int16 block-relative index, bf16 value) pairs into ring row ``(t - 1) mod window_size``;
+3. quantize the residual (``a`` with the selected entries zeroed) back into the 4-bit buffer;
+4. rebuild ``m = c1 sum beta1^age V`` and ``v = c2 sum beta2^age V^2`` from the window, with bias
+   correction by the step count t, and apply ``p <- p (1 - lr wd) - lr m / (sqrt(v) + eps)``.
+
+State per parameter of d elements: about ``0.5 + 4/quant_block_size + 4 window_size density``
+bytes per element (0.96 at the defaults).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import kernels as K
+from .kernels import MAX_INT16_BLOCK, TopKLayout
+from .optimizer_base import CompressedOptimizer, as_float, local_tensor
+from .validation import check_betas, check_float, check_int, check_lr
+
+DEFAULT_TOPK_BLOCK = 16384
+
+
+def _sr_seed(base: int, index: int, step: int) -> int:
+    """Seed for stochastic rounding: same on every data-parallel rank, new per param and step."""
+    return ((base * 0x9E3779B1 + index) * 0x85EBCA77 + step) % (1 << 62)
+
+
+class MicroAdam(CompressedOptimizer):
+    """Memory-compressed Adam (about 1 byte of state per parameter instead of 8).
+
+    Args:
+        params: parameters or parameter groups (per-group ``lr`` and ``weight_decay`` honoured).
+        lr: learning rate (float or one-element tensor), >= 0.
+        betas: Adam's (beta1, beta2), each in [0, 1).
+        eps: added outside the square root, > 0.
+        weight_decay: decoupled (AdamW-style, lr-scaled) weight decay applied before the update.
+        window_size: number of compressed gradients kept (``m`` in the paper).
+        density: fraction of entries kept per top-k block (``k_init`` in the reference).
+        quant_block_size: elements per min/max bucket of the 4-bit error buffer (even).
+        topk_block_size: elements per top-k block; fixed, so results do not depend on the GPU;
+            at most 32768 so that block-relative indices fit int16.
+        stochastic_rounding: round bf16 parameter updates stochastically (deterministic seeds,
+            identical on every data-parallel rank).
+        seed: base seed of the stochastic rounding.
+        nonfinite: ``"skip"`` (default) skips the update of a parameter whose gradient has inf/NaN
+            and counts it; ``"raise"`` raises ``FloatingPointError``. State is never touched.
+        m, k_init: aliases of ``window_size`` and ``density`` (names of the reference package).
+    """
+
+    STATE_CATEGORIES = {
+        "window_indices": "window", "window_values": "window",
+        "ef_codes": "error_feedback", "ef_min": "error_feedback", "ef_max": "error_feedback",
+        "step": "counters", "nonfinite_skips": "counters",
+    }
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 window_size=10, density=0.01, quant_block_size=64,
+                 topk_block_size=DEFAULT_TOPK_BLOCK, stochastic_rounding=False, seed=0,
+                 nonfinite="skip", *, m=None, k_init=None):
+        if m is not None:
+            window_size = m
+        if k_init is not None:
+            density = k_init
+        check_lr(lr)
+        betas = check_betas(betas)
+        eps = check_float("eps", eps, 0.0, lo_open=True)
+        weight_decay = check_float("weight_decay", weight_decay, 0.0)
+        window_size = check_int("window_size", window_size, 1, 4096)
+        density = check_float("density", density, 0.0, 1.0, lo_open=True)
+        quant_block_size = check_int("quant_block_size", quant_block_size, 2, 1 << 20)
+        if quant_block_size % 2:
+            raise ValueError("quant_block_size must be an even integer in [2, 1048576] (two 4-bit "
+                             f"codes share a byte), got {quant_block_size}")
+        topk_block_size = check_int("topk_block_size", topk_block_size, 1, MAX_INT16_BLOCK)
+        if not isinstance(stochastic_rounding, bool):
+            raise ValueError(f"stochastic_rounding must be True or False, got "
+                             f"{stochastic_rounding!r}")
+        seed = check_int("seed", seed, 0, (1 << 62) - 1)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        window_size=window_size, density=density,
+                        quant_block_size=quant_block_size, topk_block_size=topk_block_size,
+                        stochastic_rounding=stochastic_rounding)
+        self.seed = seed
+        super().__init__(params, defaults, nonfinite=nonfinite)
+
+    # ------------------------------------------------------------------ state
+    @staticmethod
+    def _init_state(state: dict, p: torch.Tensor, group: dict) -> None:
+        n = p.numel()
+        layout = TopKLayout.create(n, group["topk_block_size"], group["density"])
+        q = group["quant_block_size"]
+        dev = p.device
+        state["step"] = torch.zeros((), dtype=torch.int64)
+        state["nonfinite_skips"] = torch.zeros((), dtype=torch.int64)
+        state["window_indices"] = torch.zeros((group["window_size"], layout.k), dtype=torch.int16,
+                                              device=dev)
+        state["window_values"] = torch.zeros((group["window_size"], layout.k),
+                                             dtype=torch.bfloat16, device=dev)
+        state["ef_codes"] = torch.zeros(((n + 1) // 2,), dtype=torch.uint8, device=dev)
+        state["ef_min"] = torch.zeros((-(-n // q),), dtype=torch.bfloat16, device=dev)
+        state["ef_max"] = torch.zeros((-(-n // q),), dtype=torch.bfloat16, device=dev)
+        # geometry, fixed at initialisation so later changes of the group cannot desynchronise it
+        state["topk_block"] = layout.block
+        state["k_full"] = layout.k_full
+        state["k_tail"] = layout.k_tail
+        state["quant_block"] = q
+
+    @staticmethod
+    def layout_of(state: dict, numel: int) -> TopKLayout:
+        return TopKLayout(numel, state["topk_block"], state["k_full"], state["k_tail"])
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = []  # (index, group, param, grad)
+        index = -1
+        for group in self.param_groups:
+            for p in group["params"]:
+                index += 1
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("MicroAdam does not support sparse gradients; use dense "
+                                       "gradients (e.g. nn.Embedding(sparse=False))")
+                work.append((index, group, p, local_tensor(p.grad)))
+        flags = self._finite_flags([w[3] for w in work])
+        skipped = []
+        for (index, group, p, grad), finite in zip(work, flags):
+            state = self.state[p]
+            fresh = not state
+            if fresh:
+                self._init_state(state, local_tensor(p), group)
+            if not finite:
+                state["nonfinite_skips"] += 1
+                skipped.append(f"param {index} {tuple(p.shape)}")
+                continue
+            self._update(index, group, p, grad, state, fresh)
+        if skipped:
+            self._on_nonfinite(skipped)
+        return loss
+
+    def _update(self, index, group, p, grad, state, fresh) -> None:
+        pl = local_tensor(p)
+        lr = as_float(group["lr"])
+        if fresh and lr == 0.0 and not bool(grad.any()):
+            # checkpoint template step (torch.distributed.checkpoint runs one with zero gradients
+            # and lr=0 to materialise state): create the state, change nothing else
+            return
+        t = int(state["step"]) + 1
+        state["step"].fill_(t)
+        n = pl.numel()
+        if n == 0:
+            return
+        layout = self.layout_of(state, n)
+        window = state["window_indices"].shape[0]
+        slot = (t - 1) % window
+        K.error_feedback_compress(grad, state["ef_codes"], state["ef_min"], state["ef_max"],
+                                  state["quant_block"], layout, state["window_indices"][slot],
+                                  state["window_values"][slot])
+        beta1, beta2 = group["betas"]
+        sr_seed = (_sr_seed(self.seed, index, t)
+                   if group["stochastic_rounding"] and pl.dtype == torch.bfloat16 else None)
+        K.window_adam_update(pl, state["window_indices"], state["window_values"], layout, t,
+                             beta1, beta2, group["eps"], lr, as_float(group["weight_decay"]),
+                             sr_seed)

@@ -1,0 +1,92 @@
+"""Kernels behind the optimizers, shipped as ``hf_compressed_optim.kernels``.
+
+Every operation has a pure-PyTorch twin (:mod:`.reference`) and, for CUDA tensors, a Triton
+kernel (:mod:`.triton_kernels`). The functions here pick one per call:
+
+* ``HCO_KERNEL_BACKEND=auto`` (default): Triton for CUDA tensors when triton imports, else PyTorch;
+* ``HCO_KERNEL_BACKEND=torch``: always the PyTorch twins;
+* ``HCO_KERNEL_BACKEND=triton``: always Triton (on CPU tensors this needs ``TRITON_INTERPRET=1``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from . import reference
+from .layout import MAX_INT16_BLOCK, TopKLayout, entries_per_block
+
+ENV_VAR = "HCO_KERNEL_BACKEND"
+_CHOICES = ("auto", "torch", "triton")
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_module():
+    """The Triton implementation module, or None when triton (or a driver) is unavailable."""
+    try:
+        from . import triton_kernels
+    except Exception:  # ImportError, or triton failing to initialise
+        return None
+    return triton_kernels
+
+
+def triton_available() -> bool:
+    return _triton_module() is not None
+
+
+def backend_for(tensor: torch.Tensor) -> str:
+    """'triton' or 'torch' for an operation on ``tensor`` (see module docstring)."""
+    choice = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if choice not in _CHOICES:
+        raise ValueError(f"{ENV_VAR} must be one of {_CHOICES}, got {choice!r}")
+    if choice == "torch":
+        return "torch"
+    if choice == "triton":
+        if not triton_available():
+            raise RuntimeError(f"{ENV_VAR}=triton but triton could not be imported")
+        return "triton"
+    return "triton" if tensor.is_cuda and triton_available() else "torch"
+
+
+def _impl(tensor: torch.Tensor):
+    return _triton_module() if backend_for(tensor) == "triton" else reference
+
+
+def quantize4(x, bucket, codes, mins, maxs):
+    return _impl(x).quantize4(x, bucket, codes, mins, maxs)
+
+
+def dequantize4(codes, mins, maxs, numel, bucket):
+    return _impl(codes).dequantize4(codes, mins, maxs, numel, bucket)
+
+
+def block_topk(x, layout):
+    return _impl(x).block_topk(x, layout)
+
+
+def gather_block_values(x, idx, layout):
+    return _impl(x).gather_block_values(x, idx, layout)
+
+
+def scatter_block_values(x, idx, values, layout):
+    return _impl(x).scatter_block_values(x, idx, values, layout)
+
+
+def window_adam_update(param, idx, vals, layout, step, beta1, beta2, eps, lr, weight_decay,
+                       sr_seed=None):
+    return _impl(param).window_adam_update(param, idx, vals, layout, step, beta1, beta2, eps, lr,
+                                           weight_decay, sr_seed)
+
+
+def error_feedback_compress(grad, codes, mins, maxs, bucket, layout, idx_out, val_out):
+    return _impl(grad).error_feedback_compress(grad, codes, mins, maxs, bucket, layout, idx_out,
+                                               val_out)
+
+
+__all__ = [
+    "ENV_VAR", "MAX_INT16_BLOCK", "TopKLayout", "entries_per_block", "backend_for",
+    "triton_available", "quantize4", "dequantize4", "block_topk", "gather_block_values",
+    "scatter_block_values", "window_adam_update", "error_feedback_compress", "reference",
+]
