@@ -7,6 +7,8 @@ name here.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .layout import TopKLayout
@@ -45,55 +47,55 @@ def quantize4(x: torch.Tensor, bucket: int, codes: torch.Tensor, mins: torch.Ten
     """Quantize flat ``x`` into ``codes`` (uint8 [ceil(n/2)]), ``mins``/``maxs`` (bf16 [ceil(n/bucket)]).
 
     min is rounded down and max up to bf16, so every element lies inside its bucket's range and the
-    round-trip error is at most half a step. A constant bucket gets step 0 and code 0 (no 0/0).
+    round-trip error is at most half a step. code = floor((x - min) / step + 0.5) clamped to
+    [0, 15]; a constant bucket has step 0 and gets code 0 (no 0/0).
     """
     n = x.numel()
     if n == 0:
         return
-    x = x.reshape(-1).float()
-    nbq = -(-n // bucket)
-    pad = nbq * bucket - n
-    xp = torch.nn.functional.pad(x, (0, pad)) if pad else x
-    xb = xp.view(nbq, bucket)
-    if pad:
-        nf = n // bucket
-        lo = torch.empty(nbq, dtype=torch.float32, device=x.device)
-        hi = torch.empty_like(lo)
-        if nf:
-            lo[:nf] = xb[:nf].amin(1)
-            hi[:nf] = xb[:nf].amax(1)
-        tail = x[nf * bucket:]
-        lo[nf] = tail.amin()
-        hi[nf] = tail.amax()
-    else:
-        lo, hi = xb.amin(1), xb.amax(1)
+    x = x.reshape(-1)
+    if x.dtype != torch.float32:
+        x = x.float()
+    nf = n // bucket
+    lo = torch.empty(mins.numel(), dtype=torch.float32, device=x.device)
+    hi = torch.empty_like(lo)
+    if nf:
+        lo[:nf], hi[:nf] = torch.aminmax(x[: nf * bucket].view(nf, bucket), dim=1)
+    if nf * bucket < n:
+        lo[nf], hi[nf] = torch.aminmax(x[nf * bucket:])
     mins.copy_(bf16_floor(lo))
     maxs.copy_(bf16_ceil(hi))
     lo32 = mins.float()
     scale = quant_scale(mins, maxs)
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.floor((xb - lo32[:, None]) / safe[:, None] + 0.5)
-    q = torch.where(scale[:, None] > 0, q, torch.zeros_like(q)).clamp_(0, 15).to(torch.uint8)
-    q = q.view(-1)[:n]
-    if n % 2:
-        q = torch.nn.functional.pad(q, (0, 1))
-    q = q.view(-1, 2)
-    codes.copy_((q[:, 0] << 4) | q[:, 1])
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # constant bucket: x - lo == 0
+    q8 = torch.empty(n + (n & 1), dtype=torch.uint8, device=x.device)
+    if n & 1:
+        q8[-1] = 0
+    for start, rows, width in ((0, nf, bucket), (nf * bucket, 1 if nf * bucket < n else 0,
+                                                   n - nf * bucket)):
+        if rows == 0:
+            continue
+        b0 = start // bucket
+        t = x[start:start + rows * width].view(rows, width) - lo32[b0:b0 + rows, None]
+        t.div_(safe[b0:b0 + rows, None]).add_(0.5).floor_().clamp_(0, 15)
+        q8[start:start + rows * width] = t.view(-1)
+    torch.bitwise_or(q8[0::2] << 4, q8[1::2], out=codes)
 
 
 def dequantize4(codes: torch.Tensor, mins: torch.Tensor, maxs: torch.Tensor, numel: int,
                 bucket: int) -> torch.Tensor:
-    """Inverse of :func:`quantize4`: fp32 [numel] = min + code * step."""
+    """Inverse of :func:`quantize4`: fp32 [numel] = min + code * step (a fresh tensor)."""
     if numel == 0:
         return torch.zeros(0, dtype=torch.float32, device=codes.device)
-    c = torch.stack(((codes >> 4) & 0xF, codes & 0xF), dim=1).view(-1)[:numel].float()
     nbq = mins.numel()
-    pad = nbq * bucket - numel
-    if pad:
-        c = torch.nn.functional.pad(c, (0, pad))
-    c = c.view(nbq, bucket)
-    out = mins.float()[:, None] + c * quant_scale(mins, maxs)[:, None]
-    return out.view(-1)[:numel]
+    c = torch.stack((codes >> 4, codes & 0xF), dim=1).view(-1)
+    out = torch.empty(nbq * bucket, dtype=torch.float32, device=codes.device)
+    out[:numel] = c[:numel]
+    if nbq * bucket > numel:
+        out[numel:] = 0
+    ov = out.view(nbq, bucket)
+    ov.mul_(quant_scale(mins, maxs)[:, None]).add_(mins.float()[:, None])
+    return out[:numel]
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,12 +107,17 @@ def _select_rows(x: torch.Tensor, k: int) -> torch.Tensor:
     if k >= n:
         return torch.arange(n, device=x.device).expand(rows, n)
     mag = x.abs()
-    thr = torch.topk(mag, k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
-    gt = mag > thr
-    eq = mag == thr
-    budget = k - gt.sum(1, keepdim=True)
-    sel = gt | (eq & (eq.cumsum(1) <= budget))
-    return sel.nonzero()[:, 1].view(rows, k)
+    vals, inds = torch.topk(mag, k, dim=1, sorted=False)
+    thr = vals.amin(dim=1, keepdim=True)
+    ties = (mag >= thr).sum(1) > k  # rows where equal magnitudes compete for the last places
+    if bool(ties.any()):
+        r = ties.nonzero()[:, 0]
+        m, t = mag[r], thr[r]
+        gt, eq = m > t, m == t
+        sel = gt | (eq & (eq.cumsum(1) <= k - gt.sum(1, keepdim=True)))
+        inds = inds.clone()
+        inds[r] = sel.nonzero()[:, 1].view(-1, k)
+    return inds.sort(dim=1).values
 
 
 def block_topk(x: torch.Tensor, layout: TopKLayout) -> torch.Tensor:
@@ -127,50 +134,75 @@ def block_topk(x: torch.Tensor, layout: TopKLayout) -> torch.Tensor:
     return torch.cat(parts).to(torch.int16)
 
 
+@functools.lru_cache(maxsize=64)
+def _column_offsets(layout: TopKLayout, device: torch.device) -> torch.Tensor:
+    return layout.column_offsets(device)
+
+
 def absolute_indices(idx: torch.Tensor, layout: TopKLayout) -> torch.Tensor:
     """int64 absolute positions of block-relative indices ``idx`` ([..., k])."""
-    return idx.long() + layout.column_offsets(idx.device)
+    return idx.long() + _column_offsets(layout, idx.device)
 
 
 def gather_block_values(x: torch.Tensor, idx: torch.Tensor, layout: TopKLayout) -> torch.Tensor:
     """fp32 [k]: ``x`` at the block-relative indices ``idx``."""
-    return x.reshape(-1)[absolute_indices(idx, layout)].float()
+    pos = absolute_indices(idx, layout)
+    return torch.index_select(x.reshape(-1), 0, pos.view(-1)).view(pos.shape).float()
 
 
 def scatter_block_values(x: torch.Tensor, idx: torch.Tensor, values: torch.Tensor | float,
                          layout: TopKLayout) -> None:
     """In place: ``x[absolute(idx)] = values`` (a tensor [k] or a scalar, e.g. 0 to zero them)."""
     flat = x.view(-1)
-    pos = absolute_indices(idx, layout)
-    if not torch.is_tensor(values):
-        values = torch.full(pos.shape, float(values), dtype=flat.dtype, device=flat.device)
-    flat[pos] = values.to(flat.dtype)
+    pos = absolute_indices(idx, layout).view(-1)
+    if torch.is_tensor(values):
+        flat.scatter_(0, pos, values.reshape(-1).to(flat.dtype))
+    else:
+        flat.index_fill_(0, pos, float(values))
 
 
 # --------------------------------------------------------------------------------------------
 # Stochastic rounding fp32 -> bf16
 # --------------------------------------------------------------------------------------------
-def stochastic_round_bf16(x: torch.Tensor, seed: int) -> torch.Tensor:
-    """Unbiased rounding of fp32 ``x`` to bf16: add 16 random low bits, then truncate.
+_M32 = 0xFFFFFFFF
 
-    The noise comes from a generator seeded with ``seed`` on ``x``'s device, so every data-parallel
-    rank that passes the same seed rounds identically.
+
+def sr_noise16(seed: int, positions: torch.Tensor) -> torch.Tensor:
+    """int32 noise in [0, 65536) per element position: a murmur3-style hash of (seed, position).
+
+    Hashing the position (instead of drawing from a generator) makes the noise independent of
+    the order or subset of elements processed, so the sparse and dense update paths, the Triton
+    kernels and every data-parallel rank round identically.
     """
-    gen = torch.Generator(device=x.device)
-    gen.manual_seed(seed)
-    noise = torch.randint(0, 1 << 16, x.shape, generator=gen, device=x.device, dtype=torch.int32)
-    bits = x.contiguous().view(torch.int32)
-    finite = torch.isfinite(x)
-    rounded = ((bits + noise) & _HIGH16).view(torch.float32)
-    return torch.where(finite, rounded, x).to(torch.bfloat16)
+    s = (seed ^ (seed >> 32)) & _M32
+    h = (positions.long() * 0x9E3779B1 + s) & _M32
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & _M32
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & _M32
+    h ^= h >> 16
+    return (h & 0xFFFF).to(torch.int32)
 
 
-def store_param(param: torch.Tensor, new: torch.Tensor, sr_seed: int | None) -> None:
-    """Write fp32 ``new`` into ``param`` (round-to-nearest, or stochastic for bf16 if seeded)."""
+def stochastic_round_bf16(x: torch.Tensor, seed: int,
+                          positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Unbiased rounding of fp32 ``x`` to bf16: add 16 pseudo-random low bits, then truncate.
+
+    ``positions`` (default 0..n-1) are the elements' indices in the parameter; see sr_noise16.
+    """
+    flat = x.reshape(-1).contiguous()
+    if positions is None:
+        positions = torch.arange(flat.numel(), device=x.device)
+    bits = flat.view(torch.int32)
+    rounded = ((bits + sr_noise16(seed, positions)) & _HIGH16).view(torch.float32)
+    return torch.where(torch.isfinite(flat), rounded, flat).to(torch.bfloat16).view(x.shape)
+
+
+def _round_to(param: torch.Tensor, new: torch.Tensor, sr_seed: int | None,
+              positions: torch.Tensor | None = None) -> torch.Tensor:
     if param.dtype == torch.bfloat16 and sr_seed is not None:
-        param.copy_(stochastic_round_bf16(new, sr_seed).view(param.shape))
-    else:
-        param.copy_(new.view(param.shape))
+        return stochastic_round_bf16(new, sr_seed, positions)
+    return new.to(param.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,7 +228,9 @@ def window_adam_update(param: torch.Tensor, idx: torch.Tensor, vals: torch.Tenso
     """Rebuild Adam's moments from the window and update ``param`` in place.
 
     ``m[j] = c1 * sum_r beta1^age_r V[r, j]``, ``v[j] = c2 * sum_r beta2^age_r V[r, j]^2``,
-    ``param <- param * (1 - lr * wd) - lr * m / (sqrt(v) + eps)``, math in fp32.
+    ``param <- param * (1 - lr * wd) - lr * m / (sqrt(v) + eps)``, math in fp32, one rounding
+    to the parameter dtype (stochastic for bf16 when ``sr_seed`` is given). The update is zero
+    off the window's indices, so without weight decay only those entries are touched.
     """
     n = param.numel()
     if n == 0:
@@ -205,18 +239,45 @@ def window_adam_update(param: torch.Tensor, idx: torch.Tensor, vals: torch.Tenso
     w1 = window_weights(window, step, beta1, param.device)
     w2 = window_weights(window, step, beta2, param.device)
     pos = absolute_indices(idx, layout).reshape(-1)
-    v = vals.float()
-    m_acc = torch.zeros(n, dtype=torch.float32, device=param.device)
-    v_acc = torch.zeros(n, dtype=torch.float32, device=param.device)
-    m_acc.index_add_(0, pos, (w1[:, None] * v).reshape(-1))
-    v_acc.index_add_(0, pos, (w2[:, None] * v * v).reshape(-1))
-    c1, c2 = adam_coefficients(step, beta1, beta2)
-    upd = (m_acc * c1).div_((v_acc * c2).sqrt_().add_(eps))
-    new = param.reshape(-1).to(torch.float32, copy=True)
+    v = vals.float().reshape(-1)
+    acc = _zeroed_scratch(2 * n, param.device)  # [m | v], all zeros on entry and on exit
+    m_acc, v_acc = acc[:n], acc[n:]
+    try:
+        m_acc.scatter_add_(0, pos, (w1[:, None] * v.view(window, -1)).reshape(-1))
+        v_acc.scatter_add_(0, pos, (w2[:, None] * v.square().view(window, -1)).reshape(-1))
+        c1, c2 = adam_coefficients(step, beta1, beta2)
+        upd = torch.index_select(m_acc, 0, pos).mul_(c1)
+        upd.div_(torch.index_select(v_acc, 0, pos).mul_(c2).sqrt_().add_(eps))
+    finally:
+        m_acc.index_fill_(0, pos, 0.0)
+        v_acc.index_fill_(0, pos, 0.0)
+    flat = param.view(-1) if param.is_contiguous() else param.reshape(-1).clone()
     if weight_decay != 0.0:
-        new.mul_(1.0 - lr * weight_decay)
-    new.sub_(upd, alpha=lr)
-    store_param(param, new, sr_seed)
+        new = flat.to(torch.float32, copy=True).mul_(1.0 - lr * weight_decay)
+        # duplicates in ``pos`` all write the same value
+        new.scatter_(0, pos, torch.index_select(new, 0, pos).sub_(upd, alpha=lr))
+        flat.copy_(_round_to(param, new, sr_seed))
+    else:
+        new = torch.index_select(flat, 0, pos).float().sub_(upd, alpha=lr)
+        flat.scatter_(0, pos, _round_to(param, new, sr_seed, pos))
+    if flat.data_ptr() != param.data_ptr():
+        param.copy_(flat.view(param.shape))
+
+
+_SCRATCH: dict = {}
+
+
+def _zeroed_scratch(numel: int, device: torch.device) -> torch.Tensor:
+    """A reusable all-zero fp32 buffer per device; callers must leave it all-zero again.
+
+    Reusing it avoids allocating (and page-faulting) two parameter-sized accumulators per step;
+    restoring zeros only where it was written keeps the window update O(window entries).
+    """
+    buf = _SCRATCH.get(device)
+    if buf is None or buf.numel() < numel:
+        buf = torch.zeros(numel, dtype=torch.float32, device=device)
+        _SCRATCH[device] = buf
+    return buf[:numel]
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,7 +292,7 @@ def error_feedback_compress(grad: torch.Tensor, codes: torch.Tensor, mins: torch
     window row; ``codes``/``mins``/``maxs`` are overwritten with the quantized residual.
     """
     n = layout.numel
-    acc = grad.reshape(-1).float() + dequantize4(codes, mins, maxs, n, bucket)
+    acc = dequantize4(codes, mins, maxs, n, bucket).add_(grad.reshape(-1))
     idx = block_topk(acc, layout)
     idx_out.copy_(idx)
     val_out.copy_(gather_block_values(acc, idx, layout))
