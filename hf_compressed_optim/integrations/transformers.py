@@ -1,0 +1,436 @@
+"""Hugging Face ``transformers`` integration: ``optim="microadam"`` and the patch-free routes.
+
+Three ways to use the optimizers of this package with ``Trainer``:
+
+1. **Registered names** (:func:`register`, run automatically by ``import hf_compressed_optim``):
+   ``TrainingArguments(optim="microadam", optim_args="window_size=20,density=0.02")`` and the
+   ``--optim microadam`` CLI. This adds genuine members to transformers' closed
+   ``OptimizerNames`` enum and a handler to ``transformers.trainer_optimizer._OPTIMIZER_HANDLERS``
+   (transformers >= 5.2) or wraps ``Trainer.get_optimizer_cls_and_kwargs`` once (older versions).
+   Both are private APIs; they are found by feature detection, never by version checks.
+2. **Patch-free** ``Trainer(optimizer_cls_and_kwargs=optimizer_cls_and_kwargs("microadam", args))``
+   (transformers >= 4.47). ``args.optim`` stays an ``adamw_*`` value.
+3. **Subclass** ``class MyTrainer(CompressedTrainerMixin, Trainer)`` (also ``SFTTrainer``), whose
+   ``get_optimizer_cls_and_kwargs`` handles our names and defers to the next class otherwise.
+
+In every route ``learning_rate`` becomes ``lr``, ``adam_beta1``/``adam_beta2``/``adam_epsilon``
+become ``betas``/``eps`` and ``optim_args`` is parsed into real Python types
+(:mod:`hf_compressed_optim.optim_args`). Weight decay is left to Trainer's decay/no-decay
+parameter groups, which carry ``args.weight_decay`` and ``0.0``.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import threading
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..optim_args import SCHEMAS, get_schema, split_optim_args
+
+__all__ = [
+    "HANDLERS", "CompressedTrainerMixin", "OptimizerContext", "RegistrationError",
+    "add_optimizer", "is_registered", "optimizer_cls_and_kwargs", "register", "schema_handler",
+]
+
+#: marks our dispatch wrapper of ``Trainer.get_optimizer_cls_and_kwargs`` (transformers < 5.2)
+WRAPPER_MARK = "_hf_compressed_optim_dispatch"
+
+PATCH_FREE_HINT = (
+    "Use the patch-free route instead: "
+    "Trainer(..., optimizer_cls_and_kwargs=hf_compressed_optim.optimizer_cls_and_kwargs("
+    "'microadam', training_args)), or subclass "
+    "hf_compressed_optim.CompressedTrainerMixin, or pass a built optimizer with "
+    "Trainer(optimizers=(hf_compressed_optim.MicroAdam(model.parameters(), ...), None)).")
+
+
+class RegistrationError(RuntimeError):
+    """The installed transformers does not have the structures the registration shim needs."""
+
+
+@dataclass
+class OptimizerContext:
+    """What a handler receives; the same fields as transformers' own ``OptimizerContext``.
+
+    Used on transformers < 5.2 and by the patch-free routes; on >= 5.2 Trainer passes its own.
+    """
+
+    args: Any
+    model: Any
+    optimizer_kwargs: dict[str, Any]
+    adam_kwargs: dict[str, Any]
+    optim_args: dict[str, str]
+
+
+Handler = Callable[[Any], tuple[Any, dict[str, Any]]]
+
+
+def optim_name(value) -> str:
+    """``OptimizerNames.MICROADAM`` / ``"MicroAdam"`` -> ``"microadam"``."""
+    return str(getattr(value, "value", value)).strip().lower()
+
+
+def _optim_args_dict(optim_args) -> dict[str, str]:
+    """transformers' parsing of the ``optim_args`` string, but strict about duplicates."""
+    if optim_args is None or isinstance(optim_args, Mapping):
+        return dict(optim_args or {})
+    out: dict[str, str] = {}
+    for key, value in split_optim_args(optim_args):
+        if key in out:
+            raise ValueError(f"optim_args key {key!r} given twice")
+        out[key] = value
+    return out
+
+
+def make_context(args, model=None) -> OptimizerContext:
+    """The handler context transformers builds in ``get_optimizer_cls_and_kwargs``."""
+    return OptimizerContext(
+        args=args,
+        model=model,
+        optimizer_kwargs={"lr": args.learning_rate},
+        adam_kwargs={"betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon},
+        optim_args=_optim_args_dict(getattr(args, "optim_args", None)),
+    )
+
+
+def _accepted_kwargs(cls) -> set[str] | None:
+    """Keyword names ``cls`` accepts, or None when it takes ``**kwargs``."""
+    params = inspect.signature(cls.__init__).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params
+            if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+
+
+def schema_handler(name: str) -> Handler:
+    """The generic handler of an optimizer described by an ``optim_args`` schema.
+
+    lr from ``ctx.optimizer_kwargs``, betas/eps from ``ctx.adam_kwargs`` (only those the class
+    accepts), then the typed ``optim_args`` on top (``beta1=...`` overrides ``adam_beta1``).
+    The result is range-checked by the optimizer's constructor before Trainer uses it.
+    """
+    schema = get_schema(name)
+    if schema.optimizer_cls is None:
+        raise ValueError(f"the optim_args schema of {schema.optimizer!r} names no optimizer class")
+
+    def handler(ctx) -> tuple[type, dict[str, Any]]:
+        cls = schema.optimizer_cls()
+        accepted = _accepted_kwargs(cls)
+        base = {**dict(ctx.optimizer_kwargs), **dict(ctx.adam_kwargs)}
+        if accepted is not None:
+            base = {k: v for k, v in base.items() if k in accepted}
+        optim_args = ctx.optim_args
+        kwargs = schema.build_kwargs(optim_args, base)
+        if optim_args and "weight_decay" in optim_args:
+            warnings.warn(
+                f"optim_args weight_decay for {schema.optimizer!r} only sets the default of "
+                "parameter groups without their own weight_decay; Trainer's groups carry "
+                "args.weight_decay (decay group) and 0.0 (no-decay group). Set "
+                "--weight_decay / TrainingArguments(weight_decay=...) instead.", UserWarning,
+                stacklevel=2)
+        return cls, kwargs
+
+    handler.__name__ = f"_get_{schema.optimizer}"
+    handler.__qualname__ = handler.__name__
+    return handler
+
+
+_LOCK = threading.RLock()
+_REGISTERED: set[str] = set()  # names registered with transformers by register()
+_DISPATCHERS: dict[str, Handler] = {}
+
+#: optimizer name -> handler(ctx) -> (optimizer class or factory, kwargs).
+#: Later optimizers add themselves with :func:`add_optimizer`.
+HANDLERS: dict[str, Handler] = {}
+
+
+def add_optimizer(name: str, handler: Handler | None = None) -> None:
+    """Declare an ``optim`` name. ``handler`` defaults to :func:`schema_handler` (needs a schema).
+
+    If registration with transformers already happened, the new name is registered at once.
+    """
+    key = optim_name(name)
+    if handler is None:
+        if key not in SCHEMAS:
+            raise ValueError(f"no optim_args schema for {key!r}; pass a handler or register a "
+                             "schema first (hf_compressed_optim.optim_args.register_schema)")
+        handler = schema_handler(key)
+    HANDLERS[key] = handler
+    if _REGISTERED:
+        register([key])
+
+
+add_optimizer("microadam")
+
+
+# ---------------------------------------------------------------------- registration shim
+def _dispatcher(name: str) -> Handler:
+    """A stable function that forwards to ``HANDLERS[name]`` at call time (one per name)."""
+    fn = _DISPATCHERS.get(name)
+    if fn is None:
+        def fn(ctx, _name=name):
+            return HANDLERS[_name](ctx)
+
+        fn.__name__ = fn.__qualname__ = f"_hco_get_{name}"
+        _DISPATCHERS[name] = fn
+    return fn
+
+
+def _check_enum(enum_cls) -> None:
+    missing = [a for a in ("_member_map_", "_value2member_map_", "_member_names_")
+               if not hasattr(enum_cls, a)]
+    if missing:
+        raise RegistrationError(
+            f"transformers' OptimizerNames does not look like a standard Enum (missing "
+            f"{missing}); cannot add optimizer names. " + PATCH_FREE_HINT)
+
+
+def ensure_member(enum_cls, value: str):
+    """A genuine member of ``enum_cls`` with ``value`` (created once, then reused)."""
+    existing = enum_cls._value2member_map_.get(value)
+    if existing is not None:
+        return existing
+    name = value.upper()
+    if name in enum_cls._member_map_:
+        raise RegistrationError(
+            f"{enum_cls.__name__}.{name} already exists with value "
+            f"{enum_cls._member_map_[name]._value_!r}, not {value!r}. " + PATCH_FREE_HINT)
+    member_type = getattr(enum_cls, "_member_type_", str)
+    if not issubclass(enum_cls, member_type) or member_type is object:
+        raise RegistrationError(f"{enum_cls.__name__} is not a str-valued Enum. " + PATCH_FREE_HINT)
+    member = member_type.__new__(enum_cls, value)
+    member._name_ = name
+    member._value_ = value
+    member.__objclass__ = enum_cls
+    member._sort_order_ = len(enum_cls._member_names_)
+    # Enum's metaclass refuses to rebind members; the type-level setattr does not
+    type.__setattr__(enum_cls, name, member)
+    enum_cls._member_map_[name] = member
+    enum_cls._value2member_map_[value] = member
+    enum_cls._member_names_.append(name)
+    return member
+
+
+def _handlers_dict():
+    """``transformers.trainer_optimizer._OPTIMIZER_HANDLERS`` or None (transformers < 5.2)."""
+    try:
+        import transformers.trainer_optimizer as trainer_optimizer
+    except ImportError:
+        return None
+    handlers = getattr(trainer_optimizer, "_OPTIMIZER_HANDLERS", None)
+    if handlers is None:
+        return None
+    if not isinstance(handlers, dict):
+        raise RegistrationError("transformers.trainer_optimizer._OPTIMIZER_HANDLERS is not a "
+                                "dict. " + PATCH_FREE_HINT)
+    return handlers
+
+
+def install_dispatch_wrapper(trainer_cls) -> bool:
+    """Wrap ``trainer_cls.get_optimizer_cls_and_kwargs`` so it handles our names (once).
+
+    Returns True if a wrapper was installed, False if ``trainer_cls`` already had one.
+    """
+    static = inspect.getattr_static(trainer_cls, "get_optimizer_cls_and_kwargs", None)
+    if static is None:
+        raise RegistrationError(f"{trainer_cls.__name__} has no get_optimizer_cls_and_kwargs. "
+                                + PATCH_FREE_HINT)
+    original = static.__func__ if isinstance(static, (staticmethod, classmethod)) else static
+    if isinstance(static, classmethod) or not callable(original):
+        raise RegistrationError(f"{trainer_cls.__name__}.get_optimizer_cls_and_kwargs is not a "
+                                "staticmethod. " + PATCH_FREE_HINT)
+    if getattr(original, WRAPPER_MARK, False):
+        return False
+
+    @functools.wraps(original)
+    def get_optimizer_cls_and_kwargs(args, model=None):
+        name = optim_name(args.optim)
+        if name in HANDLERS:
+            return HANDLERS[name](make_context(args, model))
+        return original(args, model)
+
+    setattr(get_optimizer_cls_and_kwargs, WRAPPER_MARK, True)
+    get_optimizer_cls_and_kwargs.__wrapped_original__ = original
+    type.__setattr__(trainer_cls, "get_optimizer_cls_and_kwargs",
+                     staticmethod(get_optimizer_cls_and_kwargs))
+    return True
+
+
+def register_into(enum_cls, handlers_dict: dict | None, trainer_cls=None,
+                  names=None) -> list:
+    """Registration against explicit targets (what :func:`register` does after detection).
+
+    ``handlers_dict`` is transformers' handler table, or None to wrap ``trainer_cls`` instead.
+    """
+    _check_enum(enum_cls)
+    names = [optim_name(n) for n in (HANDLERS if names is None else names)]
+    unknown = [n for n in names if n not in HANDLERS]
+    if unknown:
+        raise ValueError(f"no handler for {unknown}; known: {sorted(HANDLERS)}")
+    if handlers_dict is None and trainer_cls is None:
+        raise RegistrationError("neither transformers.trainer_optimizer._OPTIMIZER_HANDLERS nor "
+                                "Trainer.get_optimizer_cls_and_kwargs was found. "
+                                + PATCH_FREE_HINT)
+    with _LOCK:
+        members = [ensure_member(enum_cls, n) for n in names]
+        if handlers_dict is not None:
+            for name, member in zip(names, members):
+                handlers_dict[member] = _dispatcher(name)
+        else:
+            install_dispatch_wrapper(trainer_cls)
+    return members
+
+
+def register(names=None) -> list:
+    """Make ``optim="<name>"`` work in ``TrainingArguments``, the CLI and ``Trainer``.
+
+    Idempotent: members are created once and reused, the dispatch wrapper is installed once.
+    Must run before ``HfArgumentParser(...)`` is constructed (argparse choices are fixed then) and
+    in every process (``torchrun``/``accelerate launch`` re-run the script per rank);
+    ``import hf_compressed_optim`` does it.
+
+    Args:
+        names: optimizer names to register (default: every name in :data:`HANDLERS`).
+
+    Returns:
+        the ``OptimizerNames`` members.
+
+    Raises:
+        RegistrationError: the installed transformers lacks what the shim needs; the message
+            points to the patch-free route.
+    """
+    try:
+        from transformers import training_args
+    except ImportError as err:  # pragma: no cover - transformers is a dependency
+        raise RegistrationError(f"cannot import transformers.training_args ({err}). "
+                                + PATCH_FREE_HINT) from err
+    enum_cls = getattr(training_args, "OptimizerNames", None)
+    if enum_cls is None:
+        raise RegistrationError("transformers.training_args.OptimizerNames not found. "
+                                + PATCH_FREE_HINT)
+    handlers_dict = _handlers_dict()
+    trainer_cls = None
+    if handlers_dict is None:
+        try:
+            from transformers.trainer import Trainer as trainer_cls
+        except ImportError as err:  # pragma: no cover
+            raise RegistrationError(f"cannot import transformers.Trainer ({err}). "
+                                    + PATCH_FREE_HINT) from err
+    members = register_into(enum_cls, handlers_dict, trainer_cls, names)
+    _REGISTERED.update(m._value_ for m in members)
+    return members
+
+
+def is_registered(name: str) -> bool:
+    """Whether ``optim=name`` currently validates in ``TrainingArguments``."""
+    try:
+        from transformers.training_args import OptimizerNames
+    except ImportError:  # pragma: no cover
+        return False
+    return optim_name(name) in OptimizerNames._value2member_map_
+
+
+# ---------------------------------------------------------------------- patch-free routes
+def optimizer_cls_and_kwargs(name, training_args, **overrides) -> tuple[type, dict[str, Any]]:
+    """``(cls, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)``; no patching involved.
+
+    Reads ``learning_rate``, ``weight_decay``, ``adam_beta1``, ``adam_beta2``, ``adam_epsilon`` and
+    ``optim_args`` (parsed for ``name``, whatever ``training_args.optim`` is) from
+    ``training_args``. ``overrides`` win over both: optim_args-style keys (``window_size=8``,
+    ``beta1=0.8``, strings or typed values) and constructor keywords (``lr=1e-3``,
+    ``betas=(0.9, 0.99)``). ``weight_decay`` is the default of groups without their own; with
+    Trainer the decay/no-decay groups carry ``args.weight_decay`` and 0.0.
+    """
+    key = optim_name(name)
+    handler = HANDLERS.get(key)
+    if handler is None:
+        raise ValueError(f"unknown optimizer {key!r}; known: {sorted(HANDLERS)}")
+    cls, kwargs = handler(make_context(training_args))
+    kwargs = dict(kwargs)
+    accepted = _accepted_kwargs(cls) if isinstance(cls, type) else None
+    if "weight_decay" not in kwargs and (accepted is None or "weight_decay" in accepted):
+        kwargs["weight_decay"] = training_args.weight_decay
+    schema = SCHEMAS.get(key)
+    typed = {k: v for k, v in overrides.items() if schema is not None and schema.option(k)}
+    plain = {k: v for k, v in overrides.items() if k not in typed}
+    if accepted is not None:
+        bad = sorted(k for k in plain if k not in accepted)
+        if bad:
+            raise ValueError(f"unknown argument(s) {bad} for optimizer {key!r}; valid "
+                             f"optim_args keys: {schema.keys if schema else []}, constructor "
+                             f"keywords: {sorted(accepted - {'self', 'params'})}")
+    kwargs.update(plain)
+    if schema is not None:  # typed overrides on top, then one range check of the result
+        kwargs = schema.build_kwargs(typed, kwargs)
+    return cls, kwargs
+
+
+class _CooperativeStaticMethod:
+    """Behaves like ``staticmethod`` for callers, but knows the class it was looked up on.
+
+    This lets a mixin's static ``get_optimizer_cls_and_kwargs`` defer to the *next* class in
+    the MRO (``SFTTrainer``, a user's subclass, ``Trainer``) for names it does not handle.
+    """
+
+    def __init__(self, func):
+        self.__func__ = func
+        self.__doc__ = func.__doc__
+
+    def __set_name__(self, owner, name):
+        self._owner = owner
+        self._name = name
+
+    def __get__(self, obj, objtype=None):
+        cls = objtype if objtype is not None else type(obj)
+        owner, name, func = self._owner, self._name, self.__func__
+
+        def next_impl():
+            impl = getattr(super(owner, cls), name, None)
+            if impl is None:
+                from transformers import Trainer
+
+                impl = Trainer.get_optimizer_cls_and_kwargs
+            return impl
+
+        def bound(args, model=None):
+            return func(next_impl, args, model)
+
+        bound.__name__ = func.__name__
+        bound.__qualname__ = f"{cls.__qualname__}.{name}"
+        bound.__doc__ = func.__doc__
+        return bound
+
+
+class CompressedTrainerMixin:
+    """Mix into ``Trainer`` (or ``SFTTrainer`` ...) before it: ``class T(CompressedTrainerMixin,
+    Trainer)``.
+
+    * ``get_optimizer_cls_and_kwargs`` (static for callers) builds our optimizers for our names
+      and defers to the next class otherwise;
+    * the :class:`~hf_compressed_optim.callbacks.OptimizerMemoryCallback` is inserted at the
+      front of the callbacks (set ``memory_callback = False`` on a subclass to skip it).
+
+    ``args.optim`` must still validate as an ``OptimizerNames`` member, i.e. the names must be
+    registered (``import hf_compressed_optim`` does it); without registration use
+    :func:`optimizer_cls_and_kwargs`.
+    """
+
+    memory_callback: bool = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.memory_callback:
+            from ..callbacks import add_memory_callback
+
+            add_memory_callback(self)
+
+    @_CooperativeStaticMethod
+    def get_optimizer_cls_and_kwargs(next_impl, args, model=None):
+        """``(cls, kwargs)`` for ``args.optim``: ours for our names, else the next class's."""
+        name = optim_name(args.optim)
+        if name in HANDLERS:
+            return HANDLERS[name](make_context(args, model))
+        return next_impl()(args, model)

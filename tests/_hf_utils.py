@@ -1,0 +1,83 @@
+"""Tiny models and data for the Trainer / accelerate tests (CPU, no downloads)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def tiny_llama_config(hidden_size: int = 32, intermediate_size: int = 64):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=hidden_size, num_hidden_layers=2, vocab_size=256,
+                       intermediate_size=intermediate_size, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=64)
+
+
+def tiny_llama(seed: int = 0, **config_kwargs):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_llama_config(**config_kwargs))
+
+
+def token_ids(n: int = 64, length: int = 16, seed: int = 0) -> list[list[int]]:
+    """Learnable sequences: arithmetic progressions mod 256 with a few strides."""
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, 256, (n,), generator=g).tolist()
+    strides = torch.randint(1, 4, (n,), generator=g).tolist()
+    return [[(s + i * st) % 256 for i in range(length)] for s, st in zip(starts, strides)]
+
+
+def lm_dataset(n: int = 64, length: int = 16, seed: int = 0):
+    from datasets import Dataset
+
+    ids = token_ids(n, length, seed)
+    return Dataset.from_dict({"input_ids": ids, "labels": ids})
+
+
+def training_args(output_dir, **overrides):
+    from transformers import TrainingArguments
+
+    kwargs = dict(output_dir=str(output_dir), use_cpu=True, report_to=[], seed=0,
+                  per_device_train_batch_size=8, logging_steps=1, save_strategy="no",
+                  lr_scheduler_type="constant", disable_tqdm=True, dataloader_num_workers=0)
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+def inner_optimizer(optimizer):
+    """The optimizer inside accelerate's AcceleratedOptimizer (and similar wrappers)."""
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+MICROADAM_STATE_DTYPES = {
+    "step": torch.int64,
+    "nonfinite_skips": torch.int64,
+    "window_indices": torch.int16,
+    "window_values": torch.bfloat16,
+    "ef_codes": torch.uint8,
+    "ef_min": torch.bfloat16,
+    "ef_max": torch.bfloat16,
+}
+
+
+def state_dtype_errors(optimizer) -> list[str]:
+    """Differences between MicroAdam's expected state dtypes and what ``optimizer`` holds."""
+    opt = inner_optimizer(optimizer)
+    errors = []
+    if not opt.state:
+        return ["optimizer has no state"]
+    for i, state in enumerate(opt.state.values()):
+        for key, dtype in MICROADAM_STATE_DTYPES.items():
+            value = state.get(key)
+            if not torch.is_tensor(value):
+                errors.append(f"state {i}: {key} missing or not a tensor ({type(value).__name__})")
+            elif value.dtype != dtype:
+                errors.append(f"state {i}: {key} is {value.dtype}, expected {dtype}")
+    return errors
+
+
+def losses(trainer) -> list[float]:
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
