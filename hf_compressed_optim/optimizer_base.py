@@ -68,10 +68,10 @@ class CompressedOptimizer(torch.optim.Optimizer):
             by_device.setdefault(g.device, []).append(i)
         flags = [True] * len(grads)
         for idx in by_device.values():
-            stacked = torch.stack([torch.isfinite(grads[i]).all() if grads[i].numel() else
-                                   torch.ones((), dtype=torch.bool, device=grads[i].device)
-                                   for i in idx])
-            for i, ok in zip(idx, stacked.tolist()):
+            # min and max propagate NaN and expose inf: one cheap reduction, no temporary
+            stats = torch.stack([torch.stack(torch.aminmax(grads[i])).float() if grads[i].numel()
+                                 else torch.zeros(2, device=grads[i].device) for i in idx])
+            for i, ok in zip(idx, torch.isfinite(stats).all(dim=1).tolist()):
                 flags[i] = bool(ok)
         return flags
 

@@ -107,15 +107,20 @@ def _select_rows(x: torch.Tensor, k: int) -> torch.Tensor:
     if k >= n:
         return torch.arange(n, device=x.device).expand(rows, n)
     mag = x.abs()
-    vals, inds = torch.topk(mag, k, dim=1, sorted=False)
-    thr = vals.amin(dim=1, keepdim=True)
-    ties = (mag >= thr).sum(1) > k  # rows where equal magnitudes compete for the last places
+    # the k+1 largest: if the smallest of them is strictly below the k-th, the top-k set is
+    # unambiguous (drop that one); otherwise equal magnitudes compete for the last places
+    vals, inds = torch.topk(mag, k + 1, dim=1, sorted=False)
+    two = torch.topk(vals, 2, dim=1, largest=False)
+    ties = two.values[:, 0] == two.values[:, 1]
+    keep = torch.ones_like(vals, dtype=torch.bool)
+    keep[torch.arange(rows, device=x.device), two.indices[:, 0]] = False
+    inds = inds[keep].view(rows, k)
     if bool(ties.any()):
         r = ties.nonzero()[:, 0]
-        m, t = mag[r], thr[r]
+        m = mag[r]
+        t = two.values[r, 1:2]  # the k-th largest magnitude of those rows
         gt, eq = m > t, m == t
         sel = gt | (eq & (eq.cumsum(1) <= k - gt.sum(1, keepdim=True)))
-        inds = inds.clone()
         inds[r] = sel.nonzero()[:, 1].view(-1, k)
     return inds.sort(dim=1).values
 
