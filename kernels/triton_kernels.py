@@ -111,6 +111,16 @@ def _mag_bits(x, mask):
 # 4-bit quantizer
 # --------------------------------------------------------------------------------------------
 @triton.jit
+def _load_code_pairs(x_ptr, rbase, rmask, p, half, n, X_BF16: tl.constexpr):
+    """Elements 2p and 2p+1 of each bucket row (the two nibbles of byte p), masked, as fp32."""
+    e0 = rbase + 2 * p[None, :]
+    base = rmask[:, None] & (p < half)[None, :]
+    m0 = base & (e0 < n)
+    m1 = base & (e0 + 1 < n)
+    return e0, m0, m1, _load_f32(x_ptr, e0, m0, X_BF16), _load_f32(x_ptr, e0 + 1, m1, X_BF16)
+
+
+@triton.jit
 def _quantize4_kernel(x_ptr, codes_ptr, mins_ptr, maxs_ptr, n, bucket, nbq,
                       X_BF16: tl.constexpr, M_BF16: tl.constexpr, R: tl.constexpr,
                       CP: tl.constexpr):
@@ -124,13 +134,7 @@ def _quantize4_kernel(x_ptr, codes_ptr, mins_ptr, maxs_ptr, n, bucket, nbq,
     lo = tl.full([R], float("inf"), tl.float32)
     hi = tl.full([R], float("-inf"), tl.float32)
     for c0 in range(0, half, CP):
-        p = c0 + cols
-        e0 = rbase + 2 * p[None, :]
-        base = rmask[:, None] & (p < half)[None, :]
-        m0 = base & (e0 < n)
-        m1 = base & (e0 + 1 < n)
-        x0 = _load_f32(x_ptr, e0, m0, X_BF16)
-        x1 = _load_f32(x_ptr, e0 + 1, m1, X_BF16)
+        e0, m0, m1, x0, x1 = _load_code_pairs(x_ptr, rbase, rmask, c0 + cols, half, n, X_BF16)
         lo = tl.minimum(lo, tl.min(tl.minimum(tl.where(m0, x0, float("inf")),
                                               tl.where(m1, x1, float("inf"))), axis=1))
         hi = tl.maximum(hi, tl.max(tl.maximum(tl.where(m0, x0, float("-inf")),
@@ -143,13 +147,7 @@ def _quantize4_kernel(x_ptr, codes_ptr, mins_ptr, maxs_ptr, n, bucket, nbq,
     pos = scale > 0
     safe = tl.where(pos, scale, 1.0)
     for c0 in range(0, half, CP):
-        p = c0 + cols
-        e0 = rbase + 2 * p[None, :]
-        base = rmask[:, None] & (p < half)[None, :]
-        m0 = base & (e0 < n)
-        m1 = base & (e0 + 1 < n)
-        x0 = _load_f32(x_ptr, e0, m0, X_BF16)
-        x1 = _load_f32(x_ptr, e0 + 1, m1, X_BF16)
+        e0, m0, m1, x0, x1 = _load_code_pairs(x_ptr, rbase, rmask, c0 + cols, half, n, X_BF16)
         q0 = _quant_code(x0, lo[:, None], safe[:, None], pos[:, None])
         q1 = _quant_code(x1, lo[:, None], safe[:, None], pos[:, None] & m1)
         tl.store(codes_ptr + (e0 >> 1), ((q0 << 4) | q1).to(tl.uint8), mask=m0)

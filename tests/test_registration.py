@@ -24,13 +24,7 @@ from transformers.utils.generic import ExplicitEnum  # noqa: E402
 from _hf_utils import lm_dataset, tiny_llama, training_args  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: one thread is fastest, and avoids OpenMP spinning on a shared 2-core box
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------------- the enum member
