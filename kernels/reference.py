@@ -60,7 +60,9 @@ def quantize4(x: torch.Tensor, bucket: int, codes: torch.Tensor, mins: torch.Ten
     lo = torch.empty(mins.numel(), dtype=torch.float32, device=x.device)
     hi = torch.empty_like(lo)
     if nf:
-        lo[:nf], hi[:nf] = torch.aminmax(x[: nf * bucket].view(nf, bucket), dim=1)
+        xv = x[: nf * bucket].view(nf, bucket)  # amin/amax with out= beat aminmax(dim=1) on CPU
+        torch.amin(xv, dim=1, out=lo[:nf])
+        torch.amax(xv, dim=1, out=hi[:nf])
     if nf * bucket < n:
         lo[nf], hi[nf] = torch.aminmax(x[nf * bucket:])
     mins.copy_(bf16_floor(lo))
@@ -106,7 +108,10 @@ def _select_rows(x: torch.Tensor, k: int) -> torch.Tensor:
     rows, n = x.shape
     if k >= n:
         return torch.arange(n, device=x.device).expand(rows, n)
-    mag = x.abs()
+    if x.dtype == torch.float32:
+        mag = torch.abs(x, out=_workspace(x.numel(), x.device, "topk_abs").view(rows, n))
+    else:
+        mag = x.abs()
     # the k+1 largest: if the smallest of them is strictly below the k-th, the top-k set is
     # unambiguous (drop that one); otherwise equal magnitudes compete for the last places
     vals, inds = torch.topk(mag, k + 1, dim=1, sorted=False)
@@ -270,6 +275,17 @@ def window_adam_update(param: torch.Tensor, idx: torch.Tensor, vals: torch.Tenso
 
 
 _SCRATCH: dict = {}
+_WORKSPACE: dict = {}
+
+
+def _workspace(numel: int, device: torch.device, name: str) -> torch.Tensor:
+    """A reusable fp32 buffer per (device, purpose): parameter-sized temporaries would otherwise
+    be mmap-allocated and page-faulted on every call (about 10 ms per 10M elements on CPU)."""
+    buf = _WORKSPACE.get((device, name))
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(numel, dtype=torch.float32, device=device)
+        _WORKSPACE[(device, name)] = buf
+    return buf[:numel]
 
 
 def _zeroed_scratch(numel: int, device: torch.device) -> torch.Tensor:
