@@ -1,0 +1,269 @@
+#!/usr/bin/env python
+"""Fine-tune a small LLaMA-architecture model with a compressed optimizer through the HF Trainer.
+
+The project's main job: it exercises the whole user path (``optim="microadam"`` in
+``TrainingArguments``, the Trainer, optional LoRA, the memory report) with nothing downloaded.
+
+* Model: built from a ``LlamaConfig`` (byte vocabulary, random init) unless
+  ``--model_name_or_path`` names a local folder or hub id.
+* Data: English docstrings of the Python standard library
+  (:mod:`hf_compressed_optim.offline_corpus`), byte-encoded and packed into ``--block_size``
+  blocks; a pretrained model's own tokenizer is used when one is found next to it.
+
+Examples::
+
+    python recipes/finetune_llama.py                          # MicroAdam, ~1 min on 2 CPU cores
+    python recipes/finetune_llama.py --optim adamw_torch      # baseline
+    python recipes/finetune_llama.py --lora --learning_rate 1e-2
+    torchrun --nproc_per_node 2 recipes/finetune_llama.py --use_cpu   # DDP on gloo
+
+Every rank must import ``hf_compressed_optim`` before ``TrainingArguments`` is built: the import
+registers the optimizer names with transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import (LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback,  # noqa: E402
+                          TrainingArguments)
+
+import hf_compressed_optim  # noqa: E402  (registers optim="microadam" and friends)
+from hf_compressed_optim import offline_corpus  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("optimizer")
+    g.add_argument("--optim", default="microadam",
+                   help="TrainingArguments.optim name (ours: microadam; baselines: "
+                        "adamw_torch, adamw_torch_fused, ...)")
+    g.add_argument("--optim_args", default=None,
+                   help='comma-separated key=value pairs, e.g. "window_size=10,density=0.01"')
+    g.add_argument("--learning_rate", type=float, default=3e-3)
+    g.add_argument("--weight_decay", type=float, default=0.0)
+    g.add_argument("--warmup_steps", type=int, default=20)
+    g.add_argument("--lr_scheduler_type", default="cosine")
+    g = p.add_argument_group("model")
+    g.add_argument("--model_name_or_path", default=None,
+                   help="local folder or hub id; default: build a small LLaMA from a LlamaConfig")
+    g.add_argument("--hidden_size", type=int, default=192)
+    g.add_argument("--intermediate_size", type=int, default=512)
+    g.add_argument("--num_hidden_layers", type=int, default=3)
+    g.add_argument("--num_attention_heads", type=int, default=6)
+    g.add_argument("--lora", action="store_true",
+                   help="train LoRA adapters on q/k/v/o projections (peft) instead of all weights")
+    g.add_argument("--lora_r", type=int, default=8)
+    g.add_argument("--lora_alpha", type=int, default=16)
+    g = p.add_argument_group("data and schedule")
+    g.add_argument("--block_size", type=int, default=128, help="sequence length")
+    g.add_argument("--max_steps", type=int, default=300)
+    g.add_argument("--per_device_train_batch_size", type=int, default=16)
+    g.add_argument("--per_device_eval_batch_size", type=int, default=32)
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--max_train_blocks", type=int, default=None, help="cap the training set")
+    g.add_argument("--max_eval_blocks", type=int, default=128, help="cap the eval set")
+    g.add_argument("--logging_steps", type=int, default=10)
+    g = p.add_argument_group("run")
+    g.add_argument("--output_dir", default="outputs/finetune_llama")
+    g.add_argument("--save", action="store_true", help="save the final model and optimizer")
+    g.add_argument("--use_cpu", action="store_true",
+                   help="train on CPU (needed for DDP on gloo under torchrun)")
+    g.add_argument("--bf16", action="store_true", help="bf16 mixed precision (autocast)")
+    g.add_argument("--seed", type=int, default=42)
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------ model
+def build_model_and_tokenize(args):
+    """(model, tokenize) where tokenize maps corpus text to token ids for this model."""
+    if args.model_name_or_path:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path)
+        try:
+            tok = AutoTokenizer.from_pretrained(args.model_name_or_path)
+        except Exception:  # no tokenizer files: byte ids (right for byte-level vocabularies)
+            tok = None
+        if tok is not None:
+            return model, lambda text: tok(text, add_special_tokens=False)["input_ids"]
+        if model.config.vocab_size < offline_corpus.VOCAB_SIZE:
+            raise ValueError(f"{args.model_name_or_path} has no tokenizer and a vocabulary of "
+                             f"{model.config.vocab_size} < 256 byte ids")
+        return model, offline_corpus.encode
+    heads = args.num_attention_heads
+    if args.hidden_size % heads:
+        raise ValueError("--hidden_size must be a multiple of --num_attention_heads")
+    config = LlamaConfig(
+        vocab_size=offline_corpus.VOCAB_SIZE, hidden_size=args.hidden_size,
+        intermediate_size=args.intermediate_size, num_hidden_layers=args.num_hidden_layers,
+        num_attention_heads=heads, num_key_value_heads=heads,
+        max_position_embeddings=max(args.block_size, 128), tie_word_embeddings=False,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )
+    torch.manual_seed(args.seed)  # the same initial weights on every rank and run
+    return LlamaForCausalLM(config), offline_corpus.encode
+
+
+def apply_lora(model, args):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
+                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                     task_type="CAUSAL_LM")
+    return get_peft_model(model, cfg)
+
+
+# ------------------------------------------------------------------------------------ logging
+class LossPrinter(TrainerCallback):
+    """One compact line per logging step on the main process; keeps the losses for the summary."""
+
+    def __init__(self):
+        self.history: list[tuple[int, float]] = []
+        self._t0 = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._t0 = time.perf_counter()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs:
+            return
+        self.history.append((state.global_step, float(logs["loss"])))
+        if state.is_world_process_zero:
+            lr = logs.get("learning_rate", float("nan"))
+            print(f"step {state.global_step:5d}/{state.max_steps}  loss {logs['loss']:.4f}  "
+                  f"lr {lr:.2e}  {time.perf_counter() - self._t0:6.1f}s", flush=True)
+
+
+def attach_memory_callback(trainer) -> None:
+    """Use the package's memory callback when it has one (metrics also reach the loggers)."""
+    add = getattr(hf_compressed_optim, "add_memory_callback", None)
+    if callable(add):
+        add(trainer)
+        return
+    cb = getattr(hf_compressed_optim, "OptimizerMemoryCallback", None)
+    if cb is not None:
+        trainer.add_callback(cb())
+
+
+def format_memory_report(report: dict, n_trainable: int) -> str:
+    total = report["optimizer_state_bytes"]
+    lines = [f"optimizer state: {total:,} bytes = {total / 2**20:.3f} MiB for {n_trainable:,} "
+             f"trainable params -> {report['optimizer_state_bytes_per_param']:.4f} B/param "
+             "(AdamW fp32: 8)"]
+    for key, value in report.items():
+        if key.startswith("optimizer_state_bytes/"):
+            cat = key.split("/", 1)[1]
+            lines.append(f"  {cat:16s} {value:>14,} B  {value / max(n_trainable, 1):.4f} B/param")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ main
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    transformers.set_seed(args.seed)
+    model, tokenize = build_model_and_tokenize(args)
+    if args.lora:
+        model = apply_lora(model, args)
+    data = offline_corpus.lm_datasets(block_size=args.block_size, seed=args.seed,
+                                      tokenize=tokenize)
+    train_ds, eval_ds = data["train"], data["eval"]
+    if args.max_train_blocks:
+        train_ds = train_ds.select(range(min(args.max_train_blocks, len(train_ds))))
+    if args.max_eval_blocks:
+        eval_ds = eval_ds.select(range(min(args.max_eval_blocks, len(eval_ds))))
+
+    training_args = TrainingArguments(
+        output_dir=args.output_dir,
+        optim=args.optim,
+        optim_args=args.optim_args,
+        learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps,
+        lr_scheduler_type=args.lr_scheduler_type,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        per_device_eval_batch_size=args.per_device_eval_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        logging_steps=args.logging_steps,
+        logging_first_step=True,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=args.use_cpu,
+        bf16=args.bf16,
+        seed=args.seed,
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
+    )
+    printer = LossPrinter()
+    trainer = Trainer(model=model, args=training_args, train_dataset=train_ds,
+                      eval_dataset=eval_ds, callbacks=[printer])
+    # Trainer's own PrinterCallback would print every log dict again; ours is compact
+    trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
+    attach_memory_callback(trainer)
+    main_process = trainer.is_world_process_zero()
+
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in model.parameters())
+    if main_process:
+        print(f"model: {type(model).__name__} {n_total:,} params ({n_trainable:,} trainable"
+              f"{', LoRA' if args.lora else ''}); data: {len(train_ds)} train / {len(eval_ds)} "
+              f"eval blocks of {args.block_size} tokens; optim={args.optim} "
+              f"optim_args={args.optim_args!r} lr={args.learning_rate} "
+              f"world_size={training_args.world_size} device={training_args.device}", flush=True)
+
+    t0 = time.perf_counter()
+    eval_before = trainer.evaluate()["eval_loss"]
+    if main_process:
+        print(f"eval loss before: {eval_before:.4f} (uniform over 256 bytes: "
+              f"{math.log(offline_corpus.VOCAB_SIZE):.4f})", flush=True)
+    train_out = trainer.train()
+    eval_after = trainer.evaluate()["eval_loss"]
+    elapsed = time.perf_counter() - t0
+
+    report = hf_compressed_optim.optimizer_memory_report(trainer.optimizer)
+    n_opt = hf_compressed_optim.memory.trainable_parameter_count(trainer.optimizer)
+    optimizer = hf_compressed_optim.memory.unwrap_optimizer(trainer.optimizer)
+    results = {
+        "optim": args.optim, "optim_args": args.optim_args,
+        "optimizer_class": type(optimizer).__name__,
+        "lora": args.lora, "params_total": n_total, "params_trainable": n_trainable,
+        "world_size": training_args.world_size, "max_steps": args.max_steps,
+        "eval_loss_before": eval_before, "eval_loss_after": eval_after,
+        "train_loss_first": printer.history[0][1] if printer.history else None,
+        "train_loss_last": printer.history[-1][1] if printer.history else None,
+        "train_loss_mean": train_out.training_loss, "loss_history": printer.history,
+        "seconds": elapsed, "memory": report,
+    }
+    if main_process:
+        print(f"eval loss after:  {eval_after:.4f}  (before {eval_before:.4f}); "
+              f"train+eval {elapsed:.1f}s", flush=True)
+        where = " (per rank: DDP keeps a full copy on each)" if training_args.world_size > 1 else ""
+        print(f"[{type(optimizer).__name__}]{where} " + format_memory_report(report, n_opt),
+              flush=True)
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "finetune_results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+    if args.save:
+        trainer.save_model(args.output_dir)
+        trainer.save_state()
+        if main_process:
+            torch.save(trainer.optimizer.state_dict(),
+                       os.path.join(args.output_dir, "optimizer.pt"))
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,87 @@
+"""Smoke tests of the recipes: the main fine-tuning job and the benchmark, at toy sizes."""
+
+import importlib.util
+import json
+import math
+import pathlib
+
+import pytest
+import torch
+
+RECIPES = pathlib.Path(__file__).resolve().parents[1] / "recipes"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"_recipe_{name}", RECIPES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def keep_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+TINY = ["--hidden_size", "32", "--intermediate_size", "64", "--num_hidden_layers", "1",
+        "--num_attention_heads", "2", "--block_size", "32", "--per_device_train_batch_size", "4",
+        "--max_train_blocks", "256", "--max_eval_blocks", "16", "--logging_steps", "2",
+        "--warmup_steps", "0", "--use_cpu"]
+
+
+def test_finetune_llama_runs_with_optim_name(tmp_path, capsys):
+    finetune = _load("finetune_llama")
+    res = finetune.main(TINY + ["--max_steps", "12", "--learning_rate", "3e-2",
+                                "--output_dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert res["optimizer_class"] == "MicroAdam"  # reached through TrainingArguments(optim=...)
+    assert "eval loss before" in out and "eval loss after" in out and "B/param" in out
+    assert math.isfinite(res["eval_loss_after"])
+    assert res["eval_loss_after"] < res["eval_loss_before"]
+    # about 1 byte of state per parameter (small tensors round k up), far below AdamW's 8
+    assert 0.5 < res["memory"]["optimizer_state_bytes_per_param"] < 1.5
+    saved = json.loads((tmp_path / "finetune_results.json").read_text())
+    assert saved["eval_loss_after"] == pytest.approx(res["eval_loss_after"])
+
+
+def test_finetune_llama_lora_baseline(tmp_path):
+    finetune = _load("finetune_llama")
+    res = finetune.main(TINY + ["--max_steps", "2", "--lora", "--optim", "adamw_torch",
+                                "--output_dir", str(tmp_path)])
+    assert res["optimizer_class"] == "AdamW"
+    assert res["params_trainable"] < res["params_total"]
+    # AdamW: exp_avg + exp_avg_sq in fp32 (+ step counters)
+    assert res["memory"]["optimizer_state_bytes_per_param"] == pytest.approx(8.0, abs=0.1)
+
+
+def test_benchmark_quick(tmp_path, keep_threads):
+    bench = _load("benchmark_microadam")
+    out = tmp_path / "bench.json"
+    res = bench.main(["--quick", "--no-peers", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    opts = saved["optimizers"]
+    assert {"adamw_foreach", "adamw_fused", "microadam"} <= set(opts)
+    assert opts["adamw_foreach"]["bytes_per_param"] == pytest.approx(8.0, abs=0.01)
+    assert 0.9 < opts["microadam"]["bytes_per_param"] < 1.05  # 0.5 + 4/64 + 0.4 + rounding
+    assert opts["microadam"]["ratio_to_adamw_foreach"] > 0
+    for r in saved["trainer"].values():
+        assert r["peak_rss_bytes"] >= r["rss_before_train_bytes"] > 0
+    assert "| microadam |" in bench.to_markdown(res)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_finetune_llama_under_torchrun(tmp_path):
+    """Two gloo ranks (DDP on CPU): the same script, world size 2, loss still falls."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           str(RECIPES / "finetune_llama.py"), *TINY, "--max_steps", "6",
+           "--learning_rate", "3e-2", "--output_dir", str(tmp_path)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+    res = json.loads((tmp_path / "finetune_results.json").read_text())
+    assert res["world_size"] == 2 and res["optimizer_class"] == "MicroAdam"
+    assert res["eval_loss_after"] < res["eval_loss_before"]
