@@ -330,3 +330,17 @@ def test_reference_aliases_m_and_k_init():
     p = torch.nn.Parameter(torch.randn(1000))
     opt = MicroAdam([p], m=3, k_init=0.02)
     assert opt.param_groups[0]["window_size"] == 3 and opt.param_groups[0]["density"] == 0.02
+
+
+def test_package_imports_and_steps_without_triton():
+    """CPU users and macOS have no triton: the import and the PyTorch path must not need it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch, hf_compressed_optim as h\n"
+            "assert not h.kernels.triton_available()\n"
+            "p = torch.nn.Parameter(torch.randn(300)); p.grad = torch.randn(300)\n"
+            "o = h.MicroAdam([p]); o.step(); assert int(o.state[p]['step']) == 1\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
