@@ -1,7 +1,7 @@
 """Optimizer-state accounting: bytes actually held by state tensors, by category.
 
 Storage sizes are summed once per storage (views are not double counted); DTensor state counts
-its local shard, so each rank reports what it holds.
+its local shard, so each rank reports what it holds; tensor subclasses count their inner tensors.
 """
 
 from __future__ import annotations
@@ -20,8 +20,28 @@ def unwrap_optimizer(optimizer):
     return optimizer
 
 
-def optimizer_state_bytes(optimizer) -> dict[str, int]:
-    """{"total": bytes, <category>: bytes, ...} over every tensor in ``optimizer.state``."""
+def _leaf_tensors(t: torch.Tensor):
+    """Plain tensors holding the data of ``t``: a DTensor's local shard; tensor subclasses
+    (e.g. torchao's quantized optimizer states) flattened into their inner tensors."""
+    t = local_tensor(t)
+    flatten = getattr(type(t), "__tensor_flatten__", None)
+    if flatten is not None and type(t) is not torch.Tensor and \
+            not isinstance(t, torch.nn.Parameter):
+        names, _ = t.__tensor_flatten__()
+        for name in names:
+            yield from _leaf_tensors(getattr(t, name))
+    else:
+        yield t
+
+
+def optimizer_state_bytes(optimizer, by: str = "category") -> dict[str, int]:
+    """{"total": bytes, <group>: bytes, ...} over every tensor in ``optimizer.state``.
+
+    ``by="category"`` groups by the optimizer's ``STATE_CATEGORIES`` (unknown keys: "other"),
+    ``by="key"`` by state key (e.g. ``exp_avg``), which works for any optimizer.
+    """
+    if by not in ("category", "key"):
+        raise ValueError(f"by must be 'category' or 'key', got {by!r}")
     opt = unwrap_optimizer(optimizer)
     categories = getattr(opt, "STATE_CATEGORIES", {})
     seen: set[tuple] = set()
@@ -30,15 +50,15 @@ def optimizer_state_bytes(optimizer) -> dict[str, int]:
         for key, value in state.items():
             if not torch.is_tensor(value):
                 continue
-            t = local_tensor(value)
-            storage = t.untyped_storage()
-            ident = (storage.data_ptr(), t.device, storage.nbytes())
-            if ident in seen:
-                continue
-            seen.add(ident)
-            cat = categories.get(key, "other")
-            out[cat] = out.get(cat, 0) + storage.nbytes()
-            out["total"] += storage.nbytes()
+            group = categories.get(key, "other") if by == "category" else key
+            for t in _leaf_tensors(value):
+                storage = t.untyped_storage()
+                ident = (storage.data_ptr(), t.device, storage.nbytes())
+                if ident in seen:
+                    continue
+                seen.add(ident)
+                out[group] = out.get(group, 0) + storage.nbytes()
+                out["total"] += storage.nbytes()
     return out
 
 

@@ -171,38 +171,6 @@ def roofline_bytes_per_param(kind: str, params, pbytes: int = 4, gbytes: int = 4
     raise ValueError(kind)
 
 
-# ============================================================================ (a) state bytes
-def _leaf_tensors(t: torch.Tensor):
-    """Plain tensors holding the data of ``t`` (tensor subclasses are flattened)."""
-    flatten = getattr(type(t), "__tensor_flatten__", None)
-    if flatten is not None and type(t) is not torch.Tensor and \
-            not isinstance(t, torch.nn.Parameter):
-        names, _ = t.__tensor_flatten__()
-        for name in names:
-            yield from _leaf_tensors(getattr(t, name))
-    else:
-        yield t
-
-
-def state_bytes(optimizer) -> dict[str, int]:
-    """{"total": bytes, key: bytes}: storage bytes of all state tensors, each storage once."""
-    seen = set()
-    out = {"total": 0}
-    for st in optimizer.state.values():
-        for key, value in st.items():
-            if not torch.is_tensor(value):
-                continue
-            for leaf in _leaf_tensors(value):
-                storage = leaf.untyped_storage()
-                ident = (storage.data_ptr(), leaf.device, storage.nbytes())
-                if ident in seen:
-                    continue
-                seen.add(ident)
-                out[key] = out.get(key, 0) + storage.nbytes()
-                out["total"] += storage.nbytes()
-    return out
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -220,7 +188,7 @@ def run_optimizers(params, factories, device, warmup: int, repeats: int, log) ->
             opt.step()
             sync(device)
             first = time.perf_counter() - t0
-            sb = state_bytes(opt)
+            sb = hco.optimizer_state_bytes(opt, by="key")
             results[name] = dict(note=spec["note"], first_step_s=first, state_bytes=sb["total"],
                                  state_bytes_by_key={k: v for k, v in sb.items() if k != "total"},
                                  bytes_per_param=sb["total"] / n,
@@ -398,7 +366,7 @@ def trainer_child(optim: str, model_key: str, steps: int, batch: int, seed: int)
     opt = hco.memory.unwrap_optimizer(trainer.optimizer)
     res = dict(optim=optim, optimizer_class=f"{type(opt).__module__}.{type(opt).__name__}",
                params=n_params, steps=steps, batch=batch, seconds=seconds,
-               train_loss=out.training_loss, state_bytes=state_bytes(opt)["total"],
+               train_loss=out.training_loss, state_bytes=hco.optimizer_state_bytes(opt)["total"],
                rss_before_train_bytes=rss_before, peak_rss_bytes=peak, method=method)
     if use_cuda:
         res.update(cuda_peak_allocated_bytes=torch.cuda.max_memory_allocated(),

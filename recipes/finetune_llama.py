@@ -145,17 +145,6 @@ class LossPrinter(TrainerCallback):
                   f"lr {lr:.2e}  {time.perf_counter() - self._t0:6.1f}s", flush=True)
 
 
-def attach_memory_callback(trainer) -> None:
-    """Use the package's memory callback when it has one (metrics also reach the loggers)."""
-    add = getattr(hf_compressed_optim, "add_memory_callback", None)
-    if callable(add):
-        add(trainer)
-        return
-    cb = getattr(hf_compressed_optim, "OptimizerMemoryCallback", None)
-    if cb is not None:
-        trainer.add_callback(cb())
-
-
 def format_memory_report(report: dict, n_trainable: int) -> str:
     total = report["optimizer_state_bytes"]
     lines = [f"optimizer state: {total:,} bytes = {total / 2**20:.3f} MiB for {n_trainable:,} "
@@ -212,7 +201,7 @@ def main(argv=None) -> dict:
                       eval_dataset=eval_ds, callbacks=[printer])
     # Trainer's own PrinterCallback would print every log dict again; ours is compact
     trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
-    attach_memory_callback(trainer)
+    hf_compressed_optim.add_memory_callback(trainer)  # first, so loggers see the metrics
     main_process = trainer.is_world_process_zero()
 
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from hf_compressed_optim.memory import unwrap_optimizer as inner_optimizer  # noqa: F401
+
 
 def tiny_llama_config(hidden_size: int = 32, intermediate_size: int = 64):
     from transformers import LlamaConfig
@@ -43,13 +45,6 @@ def training_args(output_dir, **overrides):
                   lr_scheduler_type="constant", disable_tqdm=True, dataloader_num_workers=0)
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
-
-
-def inner_optimizer(optimizer):
-    """The optimizer inside accelerate's AcceleratedOptimizer (and similar wrappers)."""
-    while hasattr(optimizer, "optimizer"):
-        optimizer = optimizer.optimizer
-    return optimizer
 
 
 MICROADAM_STATE_DTYPES = {
