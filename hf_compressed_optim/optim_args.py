@@ -198,6 +198,10 @@ class OptimArgsSchema:
         ``optim_args`` is the raw string, or a mapping (transformers' already split dict of
         strings, or typed Python values).
         """
+        return self._parse(optim_args)[0]
+
+    def _parse(self, optim_args) -> tuple[dict[str, Any], dict[str, str]]:
+        """(typed values, spelling the user gave) keyed by canonical option name."""
         out: dict[str, Any] = {}
         given_as: dict[str, str] = {}
         for key, value in _pairs(optim_args):
@@ -211,7 +215,7 @@ class OptimArgsSchema:
                                  f"{self.optimizer!r}")
             out[opt.name] = opt.cast(key, value)
             given_as[opt.name] = key
-        return out
+        return out, given_as
 
     # ------------------------------------------------------------------ constructor kwargs
     def to_kwargs(self, parsed: Mapping[str, Any], base: Mapping[str, Any] | None = None
@@ -288,10 +292,7 @@ class OptimArgsSchema:
                      base: Mapping[str, Any] | None = None, *, validate: bool = True
                      ) -> dict[str, Any]:
         """Parse ``optim_args``, merge it over ``base`` and (optionally) range-check the result."""
-        parsed = self.parse(optim_args)
-        given = {}
-        for key, _ in _pairs(optim_args):
-            given[self._by_key[key].name] = key
+        parsed, given = self._parse(optim_args)
         kwargs = self.to_kwargs(parsed, base)
         if validate:
             self.validate(kwargs, given)

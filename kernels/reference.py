@@ -109,7 +109,7 @@ def _select_rows(x: torch.Tensor, k: int) -> torch.Tensor:
     if k >= n:
         return torch.arange(n, device=x.device).expand(rows, n)
     if x.dtype == torch.float32:
-        mag = torch.abs(x, out=_workspace(x.numel(), x.device, "topk_abs").view(rows, n))
+        mag = torch.abs(x, out=_reusable_buffer(x.numel(), x.device, "topk_abs").view(rows, n))
     else:
         mag = x.abs()
     # the k+1 largest: if the smallest of them is strictly below the k-th, the top-k set is
@@ -250,7 +250,7 @@ def window_adam_update(param: torch.Tensor, idx: torch.Tensor, vals: torch.Tenso
     w2 = window_weights(window, step, beta2, param.device)
     pos = absolute_indices(idx, layout).reshape(-1)
     v = vals.float().reshape(-1)
-    acc = _zeroed_scratch(2 * n, param.device)  # [m | v], all zeros on entry and on exit
+    acc = _reusable_buffer(2 * n, param.device, "window_moments", zeroed=True)  # [m | v], all zeros on entry and on exit
     m_acc, v_acc = acc[:n], acc[n:]
     try:
         m_acc.scatter_add_(0, pos, (w1[:, None] * v.view(window, -1)).reshape(-1))
@@ -274,30 +274,22 @@ def window_adam_update(param: torch.Tensor, idx: torch.Tensor, vals: torch.Tenso
         param.copy_(flat.view(param.shape))
 
 
-_SCRATCH: dict = {}
-_WORKSPACE: dict = {}
+_BUFFERS: dict = {}
 
 
-def _workspace(numel: int, device: torch.device, name: str) -> torch.Tensor:
-    """A reusable fp32 buffer per (device, purpose): parameter-sized temporaries would otherwise
-    be mmap-allocated and page-faulted on every call (about 10 ms per 10M elements on CPU)."""
-    buf = _WORKSPACE.get((device, name))
-    if buf is None or buf.numel() < numel:
-        buf = torch.empty(numel, dtype=torch.float32, device=device)
-        _WORKSPACE[(device, name)] = buf
-    return buf[:numel]
+def _reusable_buffer(numel: int, device: torch.device, name: str,
+                     zeroed: bool = False) -> torch.Tensor:
+    """A reusable fp32 buffer per (device, purpose), grown on demand.
 
-
-def _zeroed_scratch(numel: int, device: torch.device) -> torch.Tensor:
-    """A reusable all-zero fp32 buffer per device; callers must leave it all-zero again.
-
-    Reusing it avoids allocating (and page-faulting) two parameter-sized accumulators per step;
-    restoring zeros only where it was written keeps the window update O(window entries).
+    Parameter-sized temporaries would otherwise be mmap-allocated and page-faulted on every call
+    (about 10 ms per 10M elements on CPU). A ``zeroed`` buffer starts all-zero and its callers
+    must leave it all-zero again (restoring zeros only where they wrote keeps the window update
+    O(window entries)).
     """
-    buf = _SCRATCH.get(device)
+    buf = _BUFFERS.get((device, name))
     if buf is None or buf.numel() < numel:
-        buf = torch.zeros(numel, dtype=torch.float32, device=device)
-        _SCRATCH[device] = buf
+        buf = (torch.zeros if zeroed else torch.empty)(numel, dtype=torch.float32, device=device)
+        _BUFFERS[(device, name)] = buf
     return buf[:numel]
 
 

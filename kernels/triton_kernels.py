@@ -454,7 +454,7 @@ class _Out:
 
     def __init__(self, t: torch.Tensor):
         self.t = t
-        self.flat = t.view(-1) if t.is_contiguous() else t.contiguous().view(-1)
+        self.flat = _flat(t)
 
     def done(self) -> None:
         if not self.t.is_contiguous():
