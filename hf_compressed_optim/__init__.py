@@ -16,6 +16,10 @@ from .integrations.transformers import (
 )
 from .memory import optimizer_memory_report, optimizer_state_bytes
 from .microadam import MicroAdam
+# ---- shampoo exports (issue #3) ----
+# ---- end shampoo exports ----
+# ---- efcp exports (issue #4) ----
+# ---- end efcp exports ----
 from .optim_args import parse_optim_args
 from .optimizer_base import CompressedOptimizer
 

@@ -356,3 +356,9 @@ MICROADAM_SCHEMA = register_schema(OptimArgsSchema(
     combine={"betas": ("beta1", "beta2")},
     optimizer_cls=_microadam_cls,
 ))
+
+# ---- shampoo schemas (issue #3) ----
+# ---- end shampoo schemas ----
+
+# ---- efcp schemas (issue #4) ----
+# ---- end efcp schemas ----

@@ -164,6 +164,10 @@ def add_optimizer(name: str, handler: Handler | None = None) -> None:
 
 
 add_optimizer("microadam")
+# ---- shampoo names (issue #3) ----
+# ---- end shampoo names ----
+# ---- efcp names (issue #4) ----
+# ---- end efcp names ----
 
 
 # ---------------------------------------------------------------------- registration shim
