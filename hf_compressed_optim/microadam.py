@@ -15,9 +15,12 @@ bytes per element (0.96 at the defaults).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import kernels as K
+from . import sharded_state
 from .kernels import MAX_INT16_BLOCK, TopKLayout
 from .optimizer_base import CompressedOptimizer, as_float, local_tensor
 from .validation import check_betas, check_float, check_int, check_lr
@@ -90,29 +93,43 @@ class MicroAdam(CompressedOptimizer):
 
     # ------------------------------------------------------------------ state
     @staticmethod
-    def _init_state(state: dict, p: torch.Tensor, group: dict) -> None:
-        n = p.numel()
-        layout = TopKLayout.create(n, group["topk_block_size"], group["density"])
-        q = group["quant_block_size"]
-        dev = p.device
-        state["step"] = torch.zeros((), dtype=torch.int64)
-        state["nonfinite_skips"] = torch.zeros((), dtype=torch.int64)
-        state["window_indices"] = torch.zeros((group["window_size"], layout.k), dtype=torch.int16,
-                                              device=dev)
-        state["window_values"] = torch.zeros((group["window_size"], layout.k),
-                                             dtype=torch.bfloat16, device=dev)
-        state["ef_codes"] = torch.zeros(((n + 1) // 2,), dtype=torch.uint8, device=dev)
-        state["ef_min"] = torch.zeros((-(-n // q),), dtype=torch.bfloat16, device=dev)
-        state["ef_max"] = torch.zeros((-(-n // q),), dtype=torch.bfloat16, device=dev)
-        # geometry, fixed at initialisation so later changes of the group cannot desynchronise it
-        state["topk_block"] = layout.block
-        state["k_full"] = layout.k_full
-        state["k_tail"] = layout.k_tail
-        state["quant_block"] = q
+    def _init_geometry(state: dict, group: dict) -> None:
+        """Hyperparameters that fix the state's shapes, frozen at initialisation so later
+        changes of the group cannot desynchronise them. The same on every rank (FSDP2 shards
+        differ in size, so per-shard sizes are derived, not stored)."""
+        state["window_size"] = group["window_size"]
+        state["density"] = group["density"]
+        state["topk_block"] = group["topk_block_size"]
+        state["quant_block"] = group["quant_block_size"]
 
     @staticmethod
     def layout_of(state: dict, numel: int) -> TopKLayout:
-        return TopKLayout(numel, state["topk_block"], state["k_full"], state["k_tail"])
+        return TopKLayout.create(numel, state["topk_block"], state["density"])
+
+    @classmethod
+    def state_shapes(cls, state: dict, numel: int) -> dict[str, tuple[int, ...]]:
+        """Shapes of the per-element state of a (local) tensor of ``numel`` elements."""
+        k = cls.layout_of(state, numel).k
+        buckets = -(-numel // state["quant_block"])
+        window = (state["window_size"], k)
+        return {"window_indices": window, "window_values": window,
+                "ef_codes": ((numel + 1) // 2,), "ef_min": (buckets,), "ef_max": (buckets,)}
+
+    _STATE_DTYPES = {"window_indices": torch.int16, "window_values": torch.bfloat16,
+                     "ef_codes": torch.uint8, "ef_min": torch.bfloat16, "ef_max": torch.bfloat16}
+
+    @classmethod
+    def _init_state(cls, state: dict, p: torch.Tensor, group: dict) -> None:
+        """Create the state of ``p`` (a parameter; DTensor shards get packed DTensor state)."""
+        pl = local_tensor(p)
+        cls._init_geometry(state, group)
+        state["step"] = torch.zeros((), dtype=torch.int64)
+        state["nonfinite_skips"] = torch.zeros((), dtype=torch.int64)
+        for key, shape in cls.state_shapes(state, pl.numel()).items():
+            state[key] = torch.zeros(shape, dtype=cls._STATE_DTYPES[key], device=pl.device)
+        if sharded_state.is_sharded(p):
+            capacity = cls.state_shapes(state, math.prod(sharded_state.max_local_shape(p)))
+            sharded_state.pack_state(state, p, capacity)
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -132,13 +149,13 @@ class MicroAdam(CompressedOptimizer):
                     raise RuntimeError("MicroAdam does not support sparse gradients; use dense "
                                        "gradients (e.g. nn.Embedding(sparse=False))")
                 work.append((index, group, p, local_tensor(p.grad)))
-        flags = self._finite_flags([w[3] for w in work])
+        flags = self._finite_flags([w[3] for w in work], [w[2] for w in work])
         skipped = []
         for (index, group, p, grad), finite in zip(work, flags):
             state = self.state[p]
             fresh = not state
             if fresh:
-                self._init_state(state, local_tensor(p), group)
+                self._init_state(state, p, group)
             if not finite:
                 state["nonfinite_skips"] += 1
                 skipped.append(f"param {index} {tuple(p.shape)}")
@@ -161,14 +178,14 @@ class MicroAdam(CompressedOptimizer):
         if n == 0:
             return
         layout = self.layout_of(state, n)
-        window = state["window_indices"].shape[0]
-        slot = (t - 1) % window
-        K.error_feedback_compress(grad, state["ef_codes"], state["ef_min"], state["ef_max"],
-                                  state["quant_block"], layout, state["window_indices"][slot],
-                                  state["window_values"][slot])
+        st = sharded_state.local_views(state, self.state_shapes(state, n), self._STATE_DTYPES)
+        slot = (t - 1) % state["window_size"]
+        K.error_feedback_compress(grad, st["ef_codes"], st["ef_min"], st["ef_max"],
+                                  state["quant_block"], layout, st["window_indices"][slot],
+                                  st["window_values"][slot])
         beta1, beta2 = group["betas"]
         sr_seed = (_sr_seed(self.seed, index, t)
                    if group["stochastic_rounding"] and pl.dtype == torch.bfloat16 else None)
-        K.window_adam_update(pl, state["window_indices"], state["window_values"], layout, t,
+        K.window_adam_update(pl, st["window_indices"], st["window_values"], layout, t,
                              beta1, beta2, group["eps"], lr, as_float(group["weight_decay"]),
                              sr_seed)

@@ -14,6 +14,7 @@ from itertools import chain
 
 import torch
 
+from .sharded_state import is_sharded
 from .validation import check_choice
 
 NONFINITE_POLICIES = ("skip", "raise")
@@ -59,10 +60,18 @@ class CompressedOptimizer(torch.optim.Optimizer):
                     loaded[name] = incoming.to(device=current.device)
 
     # -------------------------------------------------------------- non-finite gradients
-    def _finite_flags(self, grads: list[torch.Tensor]) -> list[bool]:
-        """One bool per gradient: all entries finite. A single host sync for the whole step."""
+    def _finite_flags(self, grads: list[torch.Tensor], params: list[torch.Tensor] | None = None
+                      ) -> list[bool]:
+        """One bool per gradient: all entries finite. A single host sync for the whole step.
+
+        With ``params`` given and some of them sharded DTensors (FSDP2), the flags are combined
+        over all ranks (one small all-reduce), so a non-finite entry in any shard skips the
+        parameter on every rank: the shards never disagree on whether a step happened.
+        """
         if not grads:
             return []
+        if params is not None and any(is_sharded(p) for p in params):
+            return self._global_finite_flags(grads)
         by_device: dict[torch.device, list[int]] = {}
         for i, g in enumerate(grads):
             by_device.setdefault(g.device, []).append(i)
@@ -74,6 +83,17 @@ class CompressedOptimizer(torch.optim.Optimizer):
             for i, ok in zip(idx, torch.isfinite(stats).all(dim=1).tolist()):
                 flags[i] = bool(ok)
         return flags
+
+    def _global_finite_flags(self, grads: list[torch.Tensor]) -> list[bool]:
+        import torch.distributed as dist
+
+        device = grads[0].device
+        ok = torch.stack([torch.isfinite(g).all() if g.numel() else
+                          torch.ones((), dtype=torch.bool, device=g.device)
+                          for g in grads]).to(device=device, dtype=torch.int32)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return [bool(v) for v in ok.tolist()]
 
     def _on_nonfinite(self, names: list[str]) -> None:
         if self.nonfinite == "raise":
