@@ -1,0 +1,94 @@
+"""DDP worker for the Trainer (run with torchrun, 2 gloo ranks, ``use_cpu=True``).
+
+Trains a tiny LLaMA with ``optim=<name>`` for 6 steps saving a checkpoint at step 3, then a second
+Trainer resumes from it and trains to step 6. Rank 0 writes JSON with:
+
+* ``world_size`` and the distributed type (guards against silent single-process launches);
+* whether parameters and optimizer state are identical on every rank (only rank 0's
+  ``optimizer.pt`` is saved, so they must be);
+* the largest parameter difference between the resumed and the uninterrupted run.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import hf_compressed_optim as hco  # noqa: E402,F401  (registers the optim names)
+from _hf_utils import lm_dataset, tiny_llama, training_args  # noqa: E402
+from hf_compressed_optim.memory import unwrap_optimizer  # noqa: E402
+
+
+def digest(tensors) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(str((tuple(t.shape), t.dtype)).encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def state_tensors(opt):
+    opt = unwrap_optimizer(opt)
+    out = []
+    for p in (p for g in opt.param_groups for p in g["params"]):
+        for key in sorted(opt.state.get(p, {})):
+            v = opt.state[p][key]
+            if torch.is_tensor(v):
+                out.append(v)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--optim", required=True)
+    ap.add_argument("--optim_args", default=None)
+    ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--out_dir", required=True)
+    ap.add_argument("--bf16_params", action="store_true",
+                    help="pure bf16 parameters (transformers' default LLaMA load dtype)")
+    args = ap.parse_args()
+    from transformers import Trainer
+
+    torch.set_num_threads(1)
+    data = lm_dataset(n=96)
+    common = dict(optim=args.optim, optim_args=args.optim_args, learning_rate=args.lr,
+                  max_steps=6, per_device_train_batch_size=4, weight_decay=0.01,
+                  ddp_backend="gloo")
+    def model(seed=0):
+        m = tiny_llama(seed=seed)
+        return m.to(torch.bfloat16) if args.bf16_params else m
+
+    full = Trainer(model=model(), train_dataset=data,
+                   args=training_args(os.path.join(args.out_dir, "full"), save_strategy="steps",
+                                      save_steps=3, **common))
+    full.train()
+    res = {"world_size": dist.get_world_size(),
+           "distributed_type": str(full.accelerator.distributed_type),
+           "optimizer_class": type(unwrap_optimizer(full.optimizer)).__name__}
+    params = list(full.model.parameters())
+    mine = [digest(params), digest(state_tensors(full.optimizer))]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    res["params_identical_across_ranks"] = len({g[0] for g in gathered}) == 1
+    res["state_identical_across_ranks"] = len({g[1] for g in gathered}) == 1
+
+    resumed = Trainer(model=model(seed=1), train_dataset=data,
+                      args=training_args(os.path.join(args.out_dir, "resumed"), **common))
+    resumed.train(resume_from_checkpoint=os.path.join(args.out_dir, "full", "checkpoint-3"))
+    res["resume_max_diff"] = max(float((a.detach() - b.detach()).abs().max())
+                                 for a, b in zip(resumed.model.parameters(), params))
+    res["resumed_global_step"] = resumed.state.global_step
+    if dist.get_rank() == 0:
+        with open(os.path.join(args.out_dir, "result.json"), "w") as f:
+            json.dump(res, f)
+
+
+if __name__ == "__main__":
+    main()
