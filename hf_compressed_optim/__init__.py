@@ -17,6 +17,7 @@ from .integrations.transformers import (
 from .memory import optimizer_memory_report, optimizer_state_bytes
 from .microadam import MicroAdam
 # ---- shampoo exports (issue #3) ----
+from .shampoo import Shampoo, Shampoo32bit
 # ---- end shampoo exports ----
 # ---- efcp exports (issue #4) ----
 # ---- end efcp exports ----
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CompressedOptimizer", "CompressedTrainerMixin", "MicroAdam", "OptimizerMemoryCallback",
+    "Shampoo", "Shampoo32bit",
     "RegistrationError", "add_memory_callback", "kernels", "optimizer_cls_and_kwargs",
     "optimizer_memory_report", "optimizer_state_bytes", "parse_optim_args", "register",
     "__version__",

@@ -358,6 +358,55 @@ MICROADAM_SCHEMA = register_schema(OptimArgsSchema(
 ))
 
 # ---- shampoo schemas (issue #3) ----
+def _shampoo_cls():
+    from .shampoo import Shampoo
+
+    return Shampoo
+
+
+def _shampoo_32bit_cls():
+    from .shampoo import Shampoo32bit
+
+    return Shampoo32bit
+
+
+#: keys of both Shampoo names (shampoo_4bit adds precond_bits; shampoo_32bit fixes it to 32)
+SHAMPOO_OPTIONS = (
+    Option("first_order", "choice", choices=("adamw", "sgd")),
+    Option("momentum", "float", help="in [0, 1), first_order=sgd"),
+    Option("nesterov", "bool"),
+    Option("stat_update_interval", "int", aliases=("T1",), help=">= 1"),
+    Option("root_update_interval", "int", aliases=("T2",), help=">= 1"),
+    Option("stat_decay", "float", help="in [0, 1]"),
+    Option("matrix_eps", "float", help="in (0, 1], relative to the largest eigenvalue"),
+    Option("max_order", "int", help="in [1, 65536]"),
+    Option("quant_block_size", "int", help="even, in [2, 65536]"),
+    Option("min_quant_size", "int", help=">= 0"),
+    Option("codebook", "choice", choices=("linear2", "dynamic_tree")),
+    Option("rectify_t1", "int", help="in [0, 100], Bjorck steps before the statistics update"),
+    Option("rectify_t2", "int", help="in [0, 100], Bjorck steps before the inverse root"),
+    Option("inverse_root", "choice", choices=("eigen", "schur_newton")),
+    Option("start_step", "int", help=">= 1"),
+    Option("nonfinite", "choice", choices=("skip", "raise")),
+    *ADAM_OPTIONS,
+)
+# rectify_t1 / rectify_t2 are keyword arguments of Shampoo (each overrides one component of
+# rectify_iters), so either can be given alone
+_SHAMPOO_COMBINE = {"betas": ("beta1", "beta2")}
+
+SHAMPOO_4BIT_SCHEMA = register_schema(OptimArgsSchema(
+    optimizer="shampoo_4bit",
+    options=(Option("precond_bits", "int", help="4 or 32"), *SHAMPOO_OPTIONS),
+    combine=_SHAMPOO_COMBINE,
+    optimizer_cls=_shampoo_cls,
+))
+
+SHAMPOO_32BIT_SCHEMA = register_schema(OptimArgsSchema(
+    optimizer="shampoo_32bit",
+    options=SHAMPOO_OPTIONS,
+    combine=_SHAMPOO_COMBINE,
+    optimizer_cls=_shampoo_32bit_cls,
+))
 # ---- end shampoo schemas ----
 
 # ---- efcp schemas (issue #4) ----

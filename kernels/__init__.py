@@ -86,6 +86,43 @@ def error_feedback_compress(grad, codes, mins, maxs, bucket, layout, idx_out, va
 
 
 # ---- shampoo kernels (issue #3) ----
+@functools.lru_cache(maxsize=1)
+def _codebook_triton_module():
+    """The Triton codebook quantizer, or None when triton is unavailable."""
+    try:
+        from . import codebook_triton
+    except Exception:  # ImportError, or triton failing to initialise
+        return None
+    return codebook_triton
+
+
+def _codebook_impl(tensor: torch.Tensor):
+    from . import codebook
+
+    if backend_for(tensor) == "triton":
+        mod = _codebook_triton_module()
+        if mod is None:
+            raise RuntimeError(f"{ENV_VAR}=triton but the Triton codebook kernels did not import")
+        return mod
+    return codebook
+
+
+def codebook_quantize_rows(x, name, block):
+    """(codes, absmax) of ``x`` (..., rows, cols); see :mod:`.codebook`."""
+    return _codebook_impl(x).quantize_rows(x, name, block)
+
+
+def codebook_dequantize_rows(codes, absmax, cols, name, block, dtype=torch.float32):
+    return _codebook_impl(codes).dequantize_rows(codes, absmax, cols, name, block, dtype)
+
+
+def codebook_quantize_offdiag(x, name, block):
+    """(fp32 diagonal, codes, absmax) of square ``x`` (..., n, n)."""
+    return _codebook_impl(x).quantize_offdiag(x, name, block)
+
+
+def codebook_dequantize_offdiag(diag, codes, absmax, name, block, dtype=torch.float32):
+    return _codebook_impl(codes).dequantize_offdiag(diag, codes, absmax, name, block, dtype)
 # ---- end shampoo kernels ----
 
 # ---- efcp kernels (issue #4) ----
@@ -97,6 +134,8 @@ __all__ = [
     "scatter_block_values", "window_adam_update", "error_feedback_compress", "reference",
 ]
 # ---- shampoo __all__ (issue #3) ----
+__all__ += ["codebook_quantize_rows", "codebook_dequantize_rows", "codebook_quantize_offdiag",
+            "codebook_dequantize_offdiag"]
 # ---- end shampoo __all__ ----
 # ---- efcp __all__ (issue #4) ----
 # ---- end efcp __all__ ----

@@ -165,6 +165,8 @@ def add_optimizer(name: str, handler: Handler | None = None) -> None:
 
 add_optimizer("microadam")
 # ---- shampoo names (issue #3) ----
+add_optimizer("shampoo_4bit")
+add_optimizer("shampoo_32bit")
 # ---- end shampoo names ----
 # ---- efcp names (issue #4) ----
 # ---- end efcp names ----

@@ -1,0 +1,489 @@
+"""4-bit Shampoo (Wang, Zhou, Li, Huang, NeurIPS 2024) and its 32-bit baseline.
+
+Per matrix parameter ``W`` (conv weights viewed as ``(out, in·kh·kw)``, sides longer than
+``max_order`` split into blocks), each block keeps a left and a right Kronecker factor:
+
+* **4-bit** (``precond_bits=4``): the factor's statistic is held as fp32 eigenvalues plus a 4-bit
+  codebook-quantized eigenvector matrix (blocks of ``quant_block_size`` along each eigenvector);
+  the inverse 4th root as an fp32 diagonal plus a 4-bit off-diagonal part.
+  Every ``stat_update_interval`` steps (T1): dequantize, rectify (``rectify_iters[0]`` Björck
+  steps), ``A = β V diag(λ) Vᵀ + (1-β) G Gᵀ``, one QR subspace iteration warm-started at the old
+  eigenvectors, Rayleigh quotients as eigenvalues, re-quantize.
+  Every ``root_update_interval`` steps (T2): dequantize, rectify (``rectify_iters[1]`` steps),
+  ``Â = V (Λ + ε·max λ·I)^(-1/4) Vᵀ`` (or coupled Schur–Newton), re-quantize diagonal-split.
+* **32-bit** (``precond_bits=32``, the paper's baseline, Algorithm 4): fp32 statistics
+  ``L = β L + (1-β) G Gᵀ`` on T1 steps and fp32 inverse roots on T2 steps, by ``eigh`` or by the
+  coupled Schur–Newton iteration. Factors with ``n² < min_quant_size`` use this storage in 4-bit
+  mode too.
+
+Every step from ``start_step`` on: ``Ĝ = L̂ G R̂`` per block, rescaled to ``‖G‖_F`` over the whole
+tensor (grafting), then fed to AdamW (decoupled weight decay) or SGD with momentum (coupled weight
+decay, optional Nesterov). Rank ≤ 1 parameters get the first-order update on the raw gradient.
+
+Equal-size factors of *all* parameters are stacked and processed by one batched call each (outer
+products, Björck, QR, roots, quantization, preconditioning matmuls); the persistent state stays
+per parameter in ``self.state[p]`` as plain tensors.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from . import kernels as K
+from .kernels.codebook import CODEBOOKS, absmax_blocks, packed_cols
+from .matrix_functions import (
+    bjorck, compose, eigen_inverse_root, eigh_inverse_root, finite_per_matrix,
+    qr_subspace_refresh, robust_batched, schur_newton_inverse_root, symmetrize,
+)
+from .optimizer_base import CompressedOptimizer, as_float, local_tensor
+from .shampoo_blocks import (
+    FP32_KEYS, QUANT_KEYS, ParamLayout, group_indices, param_layout, split_blocks,
+)
+from .validation import check_betas, check_choice, check_float, check_int, check_lr
+
+FIRST_ORDER = ("adamw", "sgd")
+INVERSE_ROOTS = ("eigen", "schur_newton")
+PRECOND_BITS = (4, 32)
+GRAFT_GUARD = 1e-12
+
+
+@dataclass
+class _Job:
+    """One parameter's work in the current step."""
+
+    index: int
+    group: dict
+    param: torch.Tensor      # local tensor
+    grad: torch.Tensor       # local tensor
+    state: dict
+    t: int
+    layout: ParamLayout | None
+    codebook: str | None = None
+    qblock: int | None = None
+    direction: torch.Tensor | None = None
+    blocks: list = field(default_factory=list)
+
+
+class Shampoo(CompressedOptimizer):
+    """Shampoo with 4-bit (or fp32) preconditioners feeding AdamW or SGD(M).
+
+    Args:
+        params: parameters or parameter groups (per-group ``lr``/``weight_decay`` honoured).
+        lr: learning rate (float or one-element tensor), >= 0.
+        betas, eps: AdamW's (first_order="adamw").
+        weight_decay: AdamW: decoupled ``p <- p (1 - lr wd)``; SGD: coupled ``d <- d + wd p``.
+        first_order: ``"adamw"`` or ``"sgd"`` (momentum, optional Nesterov, no dampening).
+        momentum, nesterov: SGD's.
+        precond_bits: 4 (eigenvector + off-diagonal root quantization) or 32 (baseline).
+        stat_update_interval: T1, steps between statistics updates (the gradient of that step).
+        root_update_interval: T2, steps between inverse-root refreshes. Preconditioners are the
+            identity until the first refresh, so steps before T2 are plain AdamW/SGD steps.
+        stat_decay: β of the statistics EMA; 1 accumulates ``A += G Gᵀ``.
+        matrix_eps: relative ridge, ``ε · λ_max`` is added before the inverse root.
+        max_order: largest block side.
+        quant_block_size: elements per absmax block along an eigenvector (even).
+        min_quant_size: factors with fewer than this many elements (n²) stay fp32.
+        codebook: ``"linear2"`` (paper) or ``"dynamic_tree"``.
+        rectify_iters: Björck steps (before the statistics update, before the inverse root).
+        inverse_root: ``"eigen"`` (from the eigendecomposition / eigh) or ``"schur_newton"``
+            (coupled Newton iteration, which the paper used for GPT-2 stability).
+        start_step: first step whose gradient is preconditioned.
+        nonfinite: ``"skip"`` (default: a parameter with an inf/NaN gradient is not updated and its
+            state, statistics included, is untouched) or ``"raise"``.
+        rectify_t1, rectify_t2: override one component of ``rectify_iters`` (the scalar
+            ``optim_args`` keys).
+    """
+
+    STATE_CATEGORIES = {
+        **{k: "preconditioner" for k in QUANT_KEYS + FP32_KEYS},
+        "exp_avg": "first_order", "exp_avg_sq": "first_order", "momentum_buffer": "first_order",
+        "step": "counters", "nonfinite_skips": "counters", "precond_failures": "counters",
+        "layout": "counters",
+    }
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 first_order="adamw", momentum=0.9, nesterov=False, precond_bits=4,
+                 stat_update_interval=100, root_update_interval=500, stat_decay=0.95,
+                 matrix_eps=1e-6, max_order=1200, quant_block_size=64, min_quant_size=4096,
+                 codebook="linear2", rectify_iters=(1, 4), inverse_root="eigen", start_step=1,
+                 nonfinite="skip", *, rectify_t1=None, rectify_t2=None):
+        check_lr(lr)
+        betas = check_betas(betas)
+        eps = check_float("eps", eps, 0.0, lo_open=True)
+        weight_decay = check_float("weight_decay", weight_decay, 0.0)
+        first_order = check_choice("first_order", first_order, FIRST_ORDER)
+        momentum = check_float("momentum", momentum, 0.0, 1.0, hi_open=True)
+        if not isinstance(nesterov, bool):
+            raise ValueError(f"nesterov must be True or False, got {nesterov!r}")
+        if nesterov and momentum == 0.0:
+            raise ValueError("nesterov=True needs momentum in (0, 1), got momentum=0")
+        if isinstance(precond_bits, bool) or precond_bits not in PRECOND_BITS:
+            raise ValueError(f"precond_bits must be one of {list(PRECOND_BITS)}, got "
+                             f"{precond_bits!r}")
+        stat_update_interval = check_int("stat_update_interval", stat_update_interval, 1)
+        root_update_interval = check_int("root_update_interval", root_update_interval, 1)
+        stat_decay = check_float("stat_decay", stat_decay, 0.0, 1.0)
+        matrix_eps = check_float("matrix_eps", matrix_eps, 0.0, 1.0, lo_open=True)
+        max_order = check_int("max_order", max_order, 1, 1 << 16)
+        quant_block_size = check_int("quant_block_size", quant_block_size, 2, 1 << 16)
+        if quant_block_size % 2:
+            raise ValueError(f"quant_block_size must be an even integer in [2, 65536] (two 4-bit "
+                             f"codes share a byte), got {quant_block_size}")
+        min_quant_size = check_int("min_quant_size", min_quant_size, 0)
+        codebook = check_choice("codebook", codebook, CODEBOOKS)
+        if not isinstance(rectify_iters, (tuple, list)) or len(rectify_iters) != 2:
+            raise ValueError(f"rectify_iters must be a pair (t1, t2) of integers in [0, 100], got "
+                             f"{rectify_iters!r}")
+        rectify_iters = (check_int("rectify_iters[0]", rectify_iters[0], 0, 100),
+                         check_int("rectify_iters[1]", rectify_iters[1], 0, 100))
+        if rectify_t1 is not None:
+            rectify_iters = (check_int("rectify_t1", rectify_t1, 0, 100), rectify_iters[1])
+        if rectify_t2 is not None:
+            rectify_iters = (rectify_iters[0], check_int("rectify_t2", rectify_t2, 0, 100))
+        inverse_root = check_choice("inverse_root", inverse_root, INVERSE_ROOTS)
+        start_step = check_int("start_step", start_step, 1)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        first_order=first_order, momentum=momentum, nesterov=nesterov,
+                        precond_bits=precond_bits, stat_update_interval=stat_update_interval,
+                        root_update_interval=root_update_interval, stat_decay=stat_decay,
+                        matrix_eps=matrix_eps, max_order=max_order,
+                        quant_block_size=quant_block_size, min_quant_size=min_quant_size,
+                        codebook=codebook, rectify_iters=rectify_iters,
+                        inverse_root=inverse_root, start_step=start_step)
+        self._warned: set[str] = set()
+        super().__init__(params, defaults, nonfinite=nonfinite)
+
+    # ------------------------------------------------------------------ state
+    def _init_state(self, state: dict, p: torch.Tensor, group: dict) -> None:
+        state["step"] = torch.zeros((), dtype=torch.int64)
+        state["nonfinite_skips"] = torch.zeros((), dtype=torch.int64)
+        if group["first_order"] == "adamw":
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        elif group["momentum"] > 0:
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        geometry = (group["max_order"], group["precond_bits"], group["min_quant_size"],
+                    group["quant_block_size"])
+        layout = param_layout(tuple(p.shape), *geometry)
+        if layout is None:
+            return
+        state["layout"] = torch.tensor([*geometry, CODEBOOKS.index(group["codebook"])],
+                                       dtype=torch.int64)
+        state["precond_failures"] = torch.zeros((), dtype=torch.int64)
+        dev = p.device
+        for key, size in zip(QUANT_KEYS, layout.quant_sizes):
+            dtype = torch.uint8 if key.endswith("codes") else torch.float32
+            state[key] = torch.zeros(size, dtype=dtype, device=dev)
+        for key, size in zip(FP32_KEYS, layout.fp32_sizes):
+            state[key] = torch.zeros(size, dtype=torch.float32, device=dev)
+        name, block, eps = group["codebook"], group["quant_block_size"], group["matrix_eps"]
+        identity: dict[int, tuple] = {}
+        for f in layout.factors:
+            n = f.order
+            eye = torch.eye(n, dtype=torch.float32, device=dev)
+            if f.quantized:
+                if n not in identity:
+                    codes, absmax = K.codebook_quantize_rows(eye, name, block)
+                    _, rcodes, rabsmax = K.codebook_quantize_offdiag(eye, name, block)
+                    identity[n] = (codes, absmax, rcodes, rabsmax)
+                codes, absmax, rcodes, rabsmax = identity[n]
+                for k, src in ((0, codes), (1, absmax), (4, rcodes), (5, rabsmax)):
+                    f.slice(state[QUANT_KEYS[k]], k).copy_(src.flatten())
+                f.slice(state["eigvals"], 2).fill_(eps)
+                f.slice(state["root_diag"], 3).fill_(1.0)
+            else:
+                f.slice(state["stat_fp32"], 0).copy_((eye * eps).flatten())
+                f.slice(state["root_fp32"], 1).copy_(eye.flatten())
+
+    @staticmethod
+    def _param_layout(state: dict, p: torch.Tensor):
+        """(block layout, codebook, quant block) fixed at initialisation (None for rank <= 1)."""
+        geo = state.get("layout")
+        if geo is None:
+            return None, None, None
+        max_order, bits, min_q, block, cb = (int(v) for v in geo.tolist())
+        return param_layout(tuple(p.shape), max_order, bits, min_q, block), CODEBOOKS[cb], block
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = []
+        index = -1
+        for group in self.param_groups:
+            for p in group["params"]:
+                index += 1
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("Shampoo does not support sparse gradients; use dense "
+                                       "gradients (e.g. nn.Embedding(sparse=False))")
+                work.append((index, group, p, local_tensor(p.grad)))
+        flags = self._finite_flags([w[3] for w in work])
+        skipped, jobs = [], []
+        for (index, group, p, grad), finite in zip(work, flags):
+            state = self.state[p]
+            pl = local_tensor(p)
+            fresh = not state
+            if fresh:
+                self._init_state(state, pl, group)
+            if not finite:
+                state["nonfinite_skips"] += 1
+                skipped.append(f"param {index} {tuple(p.shape)}")
+                continue
+            if fresh and as_float(group["lr"]) == 0.0 and not bool(grad.any()):
+                continue  # checkpoint template step: create the state, change nothing else
+            t = int(state["step"]) + 1
+            state["step"].fill_(t)
+            if pl.numel() == 0:
+                continue
+            layout, cb, block = self._param_layout(state, pl)
+            jobs.append(_Job(index, group, pl, grad, state, t, layout, cb, block))
+        shampoo_jobs = [j for j in jobs if j.layout is not None]
+        if shampoo_jobs:
+            self._update_statistics([j for j in shampoo_jobs
+                                     if j.t % j.group["stat_update_interval"] == 0])
+            self._update_roots([j for j in shampoo_jobs
+                                if j.t % j.group["root_update_interval"] == 0])
+            self._precondition([j for j in shampoo_jobs
+                                if j.t >= j.group["start_step"]
+                                and j.t >= j.group["root_update_interval"]])
+        for job in jobs:
+            self._first_order_update(job)
+        if skipped:
+            self._on_nonfinite(skipped)
+        return loss
+
+    # ------------------------------------------------------------------ failures
+    def _record_failures(self, owners: list[_Job], ok: torch.Tensor, what: str) -> None:
+        bad = [j for j, good in zip(owners, ok.tolist()) if not good]
+        if not bad:
+            return
+        for j in bad:
+            j.state["precond_failures"] += 1
+        if what not in self._warned:
+            self._warned.add(what)
+            warnings.warn(
+                f"Shampoo: the {what} failed or produced non-finite values for {len(bad)} "
+                f"factor(s) (e.g. param {bad[0].index} {tuple(bad[0].param.shape)}); their "
+                "previous preconditioner is kept. This warning is shown once; "
+                "state['precond_failures'] counts every occurrence.", RuntimeWarning,
+                stacklevel=4)
+
+    # ------------------------------------------------------------------ T1: statistics
+    @staticmethod
+    def _blocks_fp32(job: _Job) -> list[torch.Tensor]:
+        if not job.blocks:
+            g2 = job.grad.reshape(job.layout.matrix_shape)
+            job.blocks = [b.float() for b in split_blocks(g2, job.layout)]
+        return job.blocks
+
+    def _update_statistics(self, jobs: list[_Job]) -> None:
+        if not jobs:
+            return
+        entries = [(j, b, g) for j in jobs for b, g in zip(j.layout.blocks, self._blocks_fp32(j))]
+        factor_work = []  # (job, factor, outer product)
+        for idx in group_indices([g.shape for _, _, g in entries]).values():
+            gs = torch.stack([entries[i][2] for i in idx])
+            left = torch.bmm(gs, gs.mT)
+            right = torch.bmm(gs.mT, gs)
+            for k, i in enumerate(idx):
+                job, blk, _ = entries[i]
+                factor_work.append((job, blk.left, left[k]))
+                factor_work.append((job, blk.right, right[k]))
+        keys = [(f.quantized, f.order, j.group["stat_decay"], j.codebook, j.qblock,
+                 j.group["rectify_iters"][0]) for j, f, _ in factor_work]
+        for (quantized, n, beta, cb, block, t1), idx in group_indices(keys).items():
+            owners = [factor_work[i][0] for i in idx]
+            factors = [factor_work[i][1] for i in idx]
+            outer = torch.stack([factor_work[i][2] for i in idx])
+            if quantized:
+                self._refresh_eigen(owners, factors, outer, n, beta, cb, block, t1)
+            else:
+                stats = [f.slice(j.state["stat_fp32"], 0).view(n, n)
+                         for j, f in zip(owners, factors)]
+                old = torch.stack(stats)
+                new = old + outer if beta == 1.0 else beta * old + (1.0 - beta) * outer
+                ok = finite_per_matrix(new)
+                self._record_failures(owners, ok, "statistics update")
+                for k, s in enumerate(stats):
+                    if ok[k]:
+                        s.copy_(new[k])
+
+    def _refresh_eigen(self, owners, factors, outer, n, beta, cb, block, t1) -> None:
+        """PU: rectify, mix in the outer products, one warm-started QR iteration, re-quantize."""
+        pc, nb = packed_cols(n), absmax_blocks(n, block)
+        views = [(f.slice(j.state["eigvec_codes"], 0).view(n, pc),
+                  f.slice(j.state["eigvec_absmax"], 1).view(n, nb),
+                  f.slice(j.state["eigvals"], 2)) for j, f in zip(owners, factors)]
+        codes = torch.stack([v[0] for v in views])
+        absmax = torch.stack([v[1] for v in views])
+        lam = torch.stack([v[2] for v in views])
+        u = bjorck(K.codebook_dequantize_rows(codes, absmax, n, cb, block), t1)
+        a = compose(u, lam)
+        a = a + outer if beta == 1.0 else beta * a + (1.0 - beta) * outer
+        out, ok = robust_batched(qr_subspace_refresh, symmetrize(a), u)
+        self._record_failures(owners, ok, "eigenvector (QR) update")
+        if out is None or not bool(ok.any()):
+            return
+        new_lam, new_u = out
+        keep = ok.nonzero().flatten()
+        new_codes, new_absmax = K.codebook_quantize_rows(new_u[keep], cb, block)
+        for k, i in enumerate(keep.tolist()):
+            views[i][0].copy_(new_codes[k])
+            views[i][1].copy_(new_absmax[k])
+            views[i][2].copy_(new_lam[i])
+
+    # ------------------------------------------------------------------ T2: inverse roots
+    def _update_roots(self, jobs: list[_Job]) -> None:
+        if not jobs:
+            return
+        work = [(j, f) for j in jobs for f in j.layout.factors]
+        keys = [(f.quantized, f.order, j.group["matrix_eps"], j.group["inverse_root"],
+                 j.codebook, j.qblock, tuple(j.group["rectify_iters"])) for j, f in work]
+        for (quantized, n, eps, mode, cb, block, rect), idx in group_indices(keys).items():
+            owners = [work[i][0] for i in idx]
+            factors = [work[i][1] for i in idx]
+            if quantized:
+                self._refresh_quantized_root(owners, factors, n, eps, mode, cb, block, rect)
+                continue
+            stats = torch.stack([f.slice(j.state["stat_fp32"], 0).view(n, n)
+                                 for j, f in zip(owners, factors)])
+            if mode == "eigen":
+                out, ok = robust_batched(lambda a: eigh_inverse_root(a, eps), stats)
+            else:
+                out, ok = robust_batched(lambda a: schur_newton_inverse_root(a, eps), stats)
+            self._record_failures(owners, ok, "inverse-root computation")
+            for k, (j, f) in enumerate(zip(owners, factors)):
+                if ok[k]:
+                    f.slice(j.state["root_fp32"], 1).copy_(out[0][k].flatten())
+
+    def _refresh_quantized_root(self, owners, factors, n, eps, mode, cb, block, rect) -> None:
+        """PIRU: rectify the eigenvectors, inverse 4th root, diagonal-split re-quantization."""
+        pc, nb = packed_cols(n), absmax_blocks(n, block)
+        codes = torch.stack([f.slice(j.state["eigvec_codes"], 0).view(n, pc)
+                             for j, f in zip(owners, factors)])
+        absmax = torch.stack([f.slice(j.state["eigvec_absmax"], 1).view(n, nb)
+                              for j, f in zip(owners, factors)])
+        lam = torch.stack([f.slice(j.state["eigvals"], 2) for j, f in zip(owners, factors)])
+        u = K.codebook_dequantize_rows(codes, absmax, n, cb, block)
+        if mode == "eigen":
+            root = eigen_inverse_root(bjorck(u, rect[1]), lam, eps)
+            out, ok = (root,), finite_per_matrix(root)
+        else:
+            a = compose(bjorck(u, rect[0]), lam)
+            out, ok = robust_batched(lambda m: schur_newton_inverse_root(m, eps), a)
+        self._record_failures(owners, ok, "inverse-root computation")
+        if out is None or not bool(ok.any()):
+            return
+        keep = ok.nonzero().flatten()
+        diag, rcodes, rabsmax = K.codebook_quantize_offdiag(out[0][keep], cb, block)
+        for k, i in enumerate(keep.tolist()):
+            j, f = owners[i], factors[i]
+            f.slice(j.state["root_diag"], 3).copy_(diag[k])
+            f.slice(j.state["root_codes"], 4).copy_(rcodes[k].flatten())
+            f.slice(j.state["root_absmax"], 5).copy_(rabsmax[k].flatten())
+
+    # ------------------------------------------------------------------ every step
+    def _roots(self, work) -> list[torch.Tensor]:
+        """fp32 inverse roots (n, n) of ``work`` = [(job, factor)], dequantized in batches."""
+        out: list = [None] * len(work)
+        keys = [(f.quantized, f.order, j.codebook, j.qblock) for j, f in work]
+        for (quantized, n, cb, block), idx in group_indices(keys).items():
+            if not quantized:
+                for i in idx:
+                    j, f = work[i]
+                    out[i] = f.slice(j.state["root_fp32"], 1).view(n, n)
+                continue
+            pc, nb = packed_cols(n), absmax_blocks(n, block)
+            diag = torch.stack([work[i][1].slice(work[i][0].state["root_diag"], 3) for i in idx])
+            codes = torch.stack([work[i][1].slice(work[i][0].state["root_codes"], 4).view(n, pc)
+                                 for i in idx])
+            absmax = torch.stack([work[i][1].slice(work[i][0].state["root_absmax"], 5)
+                                  .view(n, nb) for i in idx])
+            roots = K.codebook_dequantize_offdiag(diag, codes, absmax, cb, block)
+            for k, i in enumerate(idx):
+                out[i] = roots[k]
+        return out
+
+    def _precondition(self, jobs: list[_Job]) -> None:
+        """``Ĝ = L̂ G R̂`` per block (batched by block shape), merged and grafted to ``‖G‖``."""
+        if not jobs:
+            return
+        entries = [(j, b, g) for j in jobs for b, g in zip(j.layout.blocks, self._blocks_fp32(j))]
+        roots = self._roots([(j, f) for j, b, _ in entries for f in (b.left, b.right)])
+        for j in jobs:
+            j.direction = torch.empty(j.layout.matrix_shape, dtype=torch.float32,
+                                      device=j.grad.device)
+        for idx in group_indices([g.shape for _, _, g in entries]).values():
+            left = torch.stack([roots[2 * i] for i in idx])
+            right = torch.stack([roots[2 * i + 1] for i in idx])
+            gs = torch.stack([entries[i][2] for i in idx])
+            pre = torch.bmm(torch.bmm(left, gs), right)
+            for k, i in enumerate(idx):
+                j, b, _ = entries[i]
+                j.direction[b.rows[0]:b.rows[1], b.cols[0]:b.cols[1]] = pre[k]
+        norms = torch.stack([torch.stack((torch.linalg.vector_norm(j.grad.float()),
+                                          torch.linalg.vector_norm(j.direction))) for j in jobs])
+        scales = norms[:, 0] / (norms[:, 1] + GRAFT_GUARD)
+        for k, j in enumerate(jobs):
+            j.direction.mul_(scales[k])
+            j.direction = j.direction.view(j.param.shape)
+
+    # ------------------------------------------------------------------ first-order step
+    def _first_order_update(self, job: _Job) -> None:
+        group, state, p = job.group, job.state, job.param
+        lr = as_float(group["lr"])
+        wd = as_float(group["weight_decay"])
+        d = job.direction if job.direction is not None else job.grad
+        exact = p.dtype == torch.float32
+        work = p if exact else p.float()
+        d = d if d.dtype == work.dtype else d.to(work.dtype)
+        if group["first_order"] == "adamw":
+            beta1, beta2 = group["betas"]
+            m, v = state["exp_avg"], state["exp_avg_sq"]
+            if not exact:
+                m, v = m.float(), v.float()
+            if wd != 0:
+                work.mul_(1 - lr * wd)
+            m.lerp_(d, 1 - beta1)
+            v.mul_(beta2).addcmul_(d, d, value=1 - beta2)
+            t = job.t
+            step_size = lr / (1 - beta1 ** t)
+            bc2_sqrt = (1 - beta2 ** t) ** 0.5
+            denom = (v.sqrt() / bc2_sqrt).add_(group["eps"])
+            work.addcdiv_(m, denom, value=-step_size)
+            if not exact:
+                state["exp_avg"].copy_(m)
+                state["exp_avg_sq"].copy_(v)
+        else:
+            if wd != 0:
+                d = d.add(work, alpha=wd)
+            mu = group["momentum"]
+            if mu != 0:
+                buf = state["momentum_buffer"]
+                buf32 = buf if exact else buf.float()
+                buf32.mul_(mu).add_(d)
+                if not exact:
+                    buf.copy_(buf32)
+                d = d.add(buf32, alpha=mu) if group["nesterov"] else buf32
+            work.add_(d, alpha=-lr)
+        if not exact:
+            p.copy_(work)
+
+
+class Shampoo32bit(Shampoo):
+    """The paper's 32-bit Shampoo baseline: :class:`Shampoo` with ``precond_bits=32``."""
+
+    def __init__(self, params, **kwargs):
+        bits = kwargs.setdefault("precond_bits", 32)
+        if bits != 32:
+            raise ValueError(f"precond_bits must be 32 for Shampoo32bit (use Shampoo for 4-bit), "
+                             f"got {bits!r}")
+        super().__init__(params, **kwargs)

@@ -1,0 +1,196 @@
+"""Codebook (non-linear) 4-bit block quantization, PyTorch twins: the semantics of
+:mod:`.codebook_triton`.
+
+Used by 4-bit Shampoo for its eigenvector matrices and the off-diagonal part of its inverse roots.
+
+* A matrix ``x`` of shape ``(..., rows, cols)`` is quantized row by row in blocks of ``block``
+  consecutive elements of one row (for an eigenvector matrix whose rows are eigenvectors, blocks
+  run along each eigenvector). The last block of a row may be shorter.
+* Each block is divided by its absolute maximum (stored fp32; a zero block stays zero) and every
+  normalised value is mapped to the nearest of the 16 codebook values (ties to the lower code,
+  decided against the midpoints between neighbouring values).
+* Codes are packed two per byte **per row**: element ``2j`` of a row in the low nibble, element
+  ``2j + 1`` in the high nibble; a row of odd length gets one padding code (that of 0.0), so rows
+  never straddle bytes and absmax blocks stay aligned with bytes.
+* The diagonal-split variant (inverse roots) keeps the diagonal of each square matrix in fp32
+  and zeroes it before the absmax reduction and quantization of the off-diagonal part.
+
+Codebooks (ascending, fp32): ``linear2`` (Linear-2 / linear-square, the paper's choice) and
+``dynamic_tree`` (the signed 4-bit dynamic-tree map).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+CODEBOOKS = ("linear2", "dynamic_tree")
+
+
+# --------------------------------------------------------------------------------------------
+# code values
+# --------------------------------------------------------------------------------------------
+def linear2_values(bits: int = 4) -> list[float]:
+    """Linear-2: ``R(j) = sign * (-1 + 2j/(2^b - 1))^2``, 0 at ``j = 2^(b-1) - 1``."""
+    top = 2 ** bits - 1
+    zero = 2 ** (bits - 1) - 1
+    out = []
+    for j in range(2 ** bits):
+        base = (-1.0 + 2.0 * j / top) ** 2
+        out.append(-base if j < zero else (0.0 if j == zero else base))
+    return out
+
+
+def dynamic_tree_values(bits: int = 4) -> list[float]:
+    """Signed dynamic tree with ``bits - 1`` exponent levels: level ``i`` holds the midpoints of
+    ``2^i + 1`` evenly spaced points in [0.1, 1], scaled by ``10^(i - (bits - 2))``, with both
+    signs; plus 0 and 1 (so the map reaches +1 but not -1)."""
+    levels = bits - 1
+    vals = [0.0, 1.0]
+    for i in range(levels):
+        k = 2 ** i + 1
+        pts = [0.1 + 0.9 * t / (k - 1) for t in range(k)]
+        scale = 10.0 ** (i - (levels - 1))
+        for a, b in zip(pts[:-1], pts[1:]):
+            m = scale * (a + b) / 2.0
+            vals += [m, -m]
+    return sorted(vals)
+
+
+@functools.lru_cache(maxsize=None)
+def _codebook_cpu(name: str) -> torch.Tensor:
+    if name == "linear2":
+        vals = linear2_values(4)
+    elif name == "dynamic_tree":
+        vals = dynamic_tree_values(4)
+    else:
+        raise ValueError(f"codebook must be one of {list(CODEBOOKS)}, got {name!r}")
+    return torch.tensor(vals, dtype=torch.float64).to(torch.float32)
+
+
+_DEVICE_CACHE: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def codebook(name: str, device=None) -> torch.Tensor:
+    """The 16 code values of ``name`` (fp32, ascending) on ``device``."""
+    return codebook_and_midpoints(name, device)[0]
+
+
+def codebook_and_midpoints(name: str, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values (16,), midpoints between neighbours (15,)), fp32, cached per device."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    key = (name, dev)
+    hit = _DEVICE_CACHE.get(key)
+    if hit is None:
+        values = _codebook_cpu(name).to(dev)
+        mids = (values[:-1] + values[1:]) * 0.5
+        hit = _DEVICE_CACHE[key] = (values, mids)
+    return hit
+
+
+# --------------------------------------------------------------------------------------------
+# geometry and nibble packing
+# --------------------------------------------------------------------------------------------
+def packed_cols(cols: int) -> int:
+    """Bytes per row of ``cols`` 4-bit codes."""
+    return (cols + 1) // 2
+
+
+def absmax_blocks(cols: int, block: int) -> int:
+    """absmax entries per row."""
+    return -(-cols // block)
+
+
+def pack_nibbles(idx: torch.Tensor) -> torch.Tensor:
+    """(..., cols) codes in [0, 16) -> (..., ceil(cols/2)) uint8; even element in the low nibble.
+    An odd row is padded with code 0 here (callers pad with the code of 0.0 first)."""
+    idx = idx.to(torch.uint8)
+    if idx.shape[-1] % 2:
+        idx = torch.nn.functional.pad(idx, (0, 1))
+    return idx[..., 0::2] | (idx[..., 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """Inverse of :func:`pack_nibbles`: (..., ceil(cols/2)) uint8 -> (..., cols) int64 codes."""
+    lo = (packed & 0xF).long()
+    hi = (packed >> 4).long()
+    out = torch.stack((lo, hi), dim=-1).flatten(-2)
+    return out[..., :cols]
+
+
+def nearest_code(x: torch.Tensor, mids: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest code value for normalised ``x`` (ties at a midpoint: lower code)."""
+    return torch.bucketize(x.contiguous(), mids, right=False)
+
+
+# --------------------------------------------------------------------------------------------
+# quantize / dequantize
+# --------------------------------------------------------------------------------------------
+def _check_block(block: int) -> None:
+    if block < 2 or block % 2:
+        raise ValueError(f"block must be an even integer >= 2, got {block}")
+
+
+def _normalised(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x / absmax padded to whole blocks (..., rows, nblk, block), absmax (..., rows, nblk))."""
+    cols = x.shape[-1]
+    nblk = absmax_blocks(cols, block)
+    xf = x.float()
+    pad = nblk * block - cols
+    if pad:
+        xf = torch.nn.functional.pad(xf, (0, pad))
+    xb = xf.reshape(*xf.shape[:-1], nblk, block)
+    absmax = xb.abs().amax(dim=-1)
+    inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
+    return xb * inv.unsqueeze(-1), absmax
+
+
+def quantize_rows(x: torch.Tensor, name: str, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``x`` (..., rows, cols) -> (codes uint8 (..., rows, ceil(cols/2)),
+    absmax fp32 (..., rows, ceil(cols/block)))."""
+    _check_block(block)
+    cols = x.shape[-1]
+    _, mids = codebook_and_midpoints(name, x.device)
+    xn, absmax = _normalised(x, block)
+    idx = nearest_code(xn, mids).flatten(-2)
+    # padding positions hold 0.0 -> the code of zero; keep one of them for an odd row
+    idx = idx[..., :2 * packed_cols(cols)]
+    return pack_nibbles(idx), absmax
+
+
+def dequantize_rows(codes: torch.Tensor, absmax: torch.Tensor, cols: int, name: str, block: int,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of :func:`quantize_rows` (up to the quantization error)."""
+    _check_block(block)
+    values, _ = codebook_and_midpoints(name, codes.device)
+    nblk = absmax.shape[-1]
+    idx = unpack_nibbles(codes, cols)
+    pad = nblk * block - cols
+    if pad:
+        idx = torch.nn.functional.pad(idx, (0, pad))
+    v = values[idx].reshape(*idx.shape[:-1], nblk, block) * absmax.unsqueeze(-1)
+    return v.flatten(-2)[..., :cols].to(dtype)
+
+
+def quantize_offdiag(x: torch.Tensor, name: str, block: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Diagonal split of square ``x`` (..., n, n): (diag fp32 (..., n), codes, absmax) where the
+    off-diagonal part (diagonal zeroed before the absmax) is quantized by :func:`quantize_rows`."""
+    n = x.shape[-1]
+    if x.shape[-2] != n:
+        raise ValueError(f"quantize_offdiag needs square matrices, got {tuple(x.shape)}")
+    diag = torch.diagonal(x, dim1=-2, dim2=-1).float().clone()
+    off = x.float().clone()
+    torch.diagonal(off, dim1=-2, dim2=-1).zero_()
+    codes, absmax = quantize_rows(off, name, block)
+    return diag, codes, absmax
+
+
+def dequantize_offdiag(diag: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, name: str,
+                       block: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of :func:`quantize_offdiag`: the fp32 diagonal written back exactly."""
+    n = diag.shape[-1]
+    out = dequantize_rows(codes, absmax, n, name, block, torch.float32)
+    torch.diagonal(out, dim1=-2, dim2=-1).copy_(diag)
+    return out.to(dtype)

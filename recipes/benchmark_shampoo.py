@@ -1,0 +1,284 @@
+"""Benchmarks of 4-bit Shampoo against its 32-bit baseline and torch AdamW.
+
+Three parts (``--part all`` runs them in this order):
+
+* ``memory``: preconditioner bytes per factor on the real layer shapes of TinyLlama-1.1B (hidden
+  2048, intermediate 5632, 4 KV heads: q/o 2048x2048, k/v 256x2048, gate/up 5632x2048,
+  down 2048x5632, max_order 1200), measured from the optimizer state, beside the paper's formula
+  and the 32-bit baseline.
+* ``convergence``: a small LLaMA trained from scratch on the offline corpus (English docstrings of
+  Python's standard library, byte tokens) for a fixed step budget with AdamW, AdamW + 32-bit
+  Shampoo and AdamW + 4-bit Shampoo at the same lr schedule; eval loss curves are plotted.
+* ``steptime``: median optimizer-step time over full ``root_update_interval`` cycles, relative to
+  torch AdamW on the same model (CPU; on a CUDA device the timing uses synchronisation and CUDA
+  events).
+
+    python recipes/benchmark_shampoo.py --part all --json recipes/results/shampoo_cpu_2026-11-21.json
+    python recipes/benchmark_shampoo.py --quick        # a smoke run of every part
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import time
+
+import torch
+
+from hf_compressed_optim import Shampoo, optimizer_state_bytes
+from hf_compressed_optim.shampoo_blocks import param_layout
+
+TINYLLAMA_SHAPES = {"q_proj": (2048, 2048), "k_proj": (256, 2048), "v_proj": (256, 2048),
+                    "o_proj": (2048, 2048), "gate_proj": (5632, 2048), "up_proj": (5632, 2048),
+                    "down_proj": (2048, 5632)}
+
+
+def formula_bytes(n: int, block: int = 64) -> int:
+    """Paper §10 per factor: eigenvector codes+absmax+eigenvalues plus root codes+absmax+diag."""
+    return 2 * (n * ((n + 1) // 2) + 4 * n * math.ceil(n / block) + 4 * n)
+
+
+# ---------------------------------------------------------------------------------- memory
+def bench_memory(quick: bool) -> dict:
+    shapes = {"q_proj": (2048, 2048)} if quick else TINYLLAMA_SHAPES
+    out = {"layers": {}}
+    tot4 = tot32 = tot_formula = 0
+    for name, shape in shapes.items():
+        row = {}
+        for bits in (4, 32):
+            p = torch.nn.Parameter(torch.zeros(shape))
+            opt = Shampoo([p], precond_bits=bits, stat_update_interval=10 ** 6,
+                          root_update_interval=10 ** 6)
+            p.grad = torch.zeros(shape)
+            opt.step()  # state creation only (no refresh within the interval)
+            row[f"bits{bits}"] = optimizer_state_bytes(opt)["preconditioner"]
+            del opt, p
+        lay = param_layout(shape, 1200, 4, 4096, 64)
+        orders = [f.order for f in lay.factors]
+        row["factor_orders"] = sorted(set(orders))
+        row["formula_4bit"] = sum(formula_bytes(n) for n in orders)
+        row["paper_bound_4bit"] = sum(1.125 * n * n + 8 * n for n in orders)
+        row["formula_32bit"] = sum(8 * n * n for n in orders)
+        row["ratio_32_over_4"] = row["bits32"] / row["bits4"]
+        row["params"] = shape[0] * shape[1]
+        out["layers"][name] = row
+        tot4 += row["bits4"]
+        tot32 += row["bits32"]
+        tot_formula += row["formula_4bit"]
+    out["total_bits4"], out["total_bits32"] = tot4, tot32
+    out["total_formula_4bit"] = tot_formula
+    out["ratio_32_over_4"] = tot32 / tot4
+    n_params = sum(r["params"] for r in out["layers"].values())
+    out["bytes_per_param_bits4"] = tot4 / n_params
+    out["bytes_per_param_bits32"] = tot32 / n_params
+    for n in (1200, 848, 256, 64):
+        out[f"per_factor_order_{n}"] = {"measured_formula": formula_bytes(n),
+                                        "paper_1.125n2_8n": 1.125 * n * n + 8 * n,
+                                        "bits32": 8 * n * n}
+    return out
+
+
+# ---------------------------------------------------------------------------------- model/data
+def small_llama(seed: int, hidden: int, layers: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=int(hidden * 8 / 3) // 16 * 16,
+                      num_hidden_layers=layers, num_attention_heads=max(2, hidden // 64),
+                      num_key_value_heads=max(2, hidden // 64), vocab_size=256,
+                      max_position_embeddings=256, tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg)
+
+
+def data(block: int, batch: int, steps: int, seed: int = 0):
+    from hf_compressed_optim.offline_corpus import lm_datasets
+
+    ds = lm_datasets(block_size=block)
+    train = torch.tensor(ds["train"]["input_ids"])
+    ev = torch.tensor(ds["eval"]["input_ids"])[:64]
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randint(0, train.shape[0], (steps, batch), generator=g)
+    return [train[i] for i in order], ev
+
+
+def make_opt(kind: str, model, lr: float, t1: int, t2: int):
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}]
+    if kind == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    bits = 4 if kind == "shampoo4" else 32
+    return Shampoo(groups, lr=lr, precond_bits=bits, stat_update_interval=t1,
+                   root_update_interval=t2)
+
+
+@torch.no_grad()
+def eval_loss(model, ev) -> float:
+    model.eval()
+    out = sum(model(input_ids=ev[i:i + 16], labels=ev[i:i + 16]).loss.item()
+              for i in range(0, ev.shape[0], 16)) / math.ceil(ev.shape[0] / 16)
+    model.train()
+    return out
+
+
+def train(kind, lr, args, batches, ev):
+    model = small_llama(0, args.hidden, args.layers)
+    opt = make_opt(kind, model, lr, args.t1, args.t2)
+    warm = max(1, len(batches) // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 *
+                                              (1 + math.cos(math.pi * min(1.0, s / len(batches)))))
+    curve, train_losses = [], []
+    for step, ids in enumerate(batches, 1):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        train_losses.append(loss.item())
+        if step % args.eval_every == 0 or step == len(batches):
+            curve.append((step, eval_loss(model, ev)))
+    return {"curve": curve, "final_eval": curve[-1][1],
+            "final_train_avg10": statistics.fmean(train_losses[-10:]), "train": train_losses}
+
+
+def bench_convergence(args) -> dict:
+    batches, ev = data(args.block, args.batch, args.steps)
+    out = {"setup": {k: getattr(args, k) for k in ("hidden", "layers", "block", "batch", "steps",
+                                                   "t1", "t2", "lrs")}, "runs": {}}
+    for kind in ("adamw", "shampoo32", "shampoo4"):
+        for lr in args.lrs:
+            t0 = time.time()
+            res = train(kind, lr, args, batches, ev)
+            res["seconds"] = time.time() - t0
+            out["runs"][f"{kind}@{lr}"] = res
+            print(f"{kind:10s} lr={lr:g}: final eval {res['final_eval']:.4f} "
+                  f"({res['seconds']:.0f}s)", flush=True)
+    best = {}
+    for kind in ("adamw", "shampoo32", "shampoo4"):
+        key = min((k for k in out["runs"] if k.startswith(kind + "@")),
+                  key=lambda k: out["runs"][k]["final_eval"])
+        best[kind] = key
+    out["best"] = best
+    e32 = out["runs"][best["shampoo32"]]["final_eval"]
+    e4 = out["runs"][best["shampoo4"]]["final_eval"]
+    out["rel_gap_4bit_vs_32bit"] = (e4 - e32) / e32
+    out["rel_gap_4bit_vs_adamw"] = (e4 - out["runs"][best["adamw"]]["final_eval"]) / \
+        out["runs"][best["adamw"]]["final_eval"]
+    return out
+
+
+def plot(conv: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    names = {"adamw": "AdamW", "shampoo32": "AdamW + 32-bit Shampoo",
+             "shampoo4": "AdamW + 4-bit Shampoo"}
+    for kind, key in conv["best"].items():
+        steps, losses = zip(*conv["runs"][key]["curve"])
+        ax.plot(steps, losses, label=f"{names[kind]} (lr {key.split('@')[1]})")
+    s = conv["setup"]
+    ax.set_xlabel("step")
+    ax.set_ylabel("eval loss (bytes, nats)")
+    ax.set_title(f"LLaMA h={s['hidden']} L={s['layers']} on stdlib docstrings, "
+                 f"T1={s['t1']} T2={s['t2']}")
+    ax.set_ylim(top=min(3.5, ax.get_ylim()[1]))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+# ---------------------------------------------------------------------------------- step time
+def bench_steptime(args) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    ids = torch.randint(0, 256, (args.batch, args.block), device=device)
+    out = {"device": str(device)}
+    for kind in ("adamw", "shampoo32", "shampoo4"):
+        model = small_llama(0, args.hidden, args.layers).to(device)
+        opt = make_opt(kind, model, 1e-4, args.t1, args.t2)
+        times = []
+        for cycle in range(args.cycles + 1):  # the first cycle warms up
+            for _ in range(args.t2):
+                model(input_ids=ids, labels=ids).loss.backward()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    start, end = torch.cuda.Event(enable_timing=True), \
+                        torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    opt.step()
+                    end.record()
+                    torch.cuda.synchronize()
+                    dt = start.elapsed_time(end) / 1e3
+                else:
+                    t0 = time.perf_counter()
+                    opt.step()
+                    dt = time.perf_counter() - t0
+                opt.zero_grad(set_to_none=True)
+                if cycle:
+                    times.append(dt)
+        cycle_means = [statistics.fmean(times[i:i + args.t2]) for i in range(0, len(times), args.t2)]
+        out[kind] = {"mean_step_s_per_cycle": cycle_means,
+                     "median_of_cycle_means_s": statistics.median(cycle_means),
+                     "median_step_s": statistics.median(times), "max_step_s": max(times)}
+        print(f"{kind:10s} mean step over a T2 cycle: "
+              f"{out[kind]['median_of_cycle_means_s'] * 1e3:.2f} ms", flush=True)
+    base = out["adamw"]["median_of_cycle_means_s"]
+    for kind in ("shampoo32", "shampoo4"):
+        out[kind]["ratio_vs_adamw"] = out[kind]["median_of_cycle_means_s"] / base
+    out["ratio_4bit_vs_32bit"] = out["shampoo4"]["median_of_cycle_means_s"] / \
+        out["shampoo32"]["median_of_cycle_means_s"]
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--part", choices=("all", "memory", "convergence", "steptime"), default="all")
+    ap.add_argument("--quick", action="store_true", help="tiny smoke run of the chosen parts")
+    ap.add_argument("--hidden", type=int, default=192)
+    ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--block", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--eval_every", type=int, default=25)
+    ap.add_argument("--t1", type=int, default=10, help="stat_update_interval")
+    ap.add_argument("--t2", type=int, default=50, help="root_update_interval")
+    ap.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 2e-3, 4e-3])
+    ap.add_argument("--cycles", type=int, default=3, help="T2 cycles timed in steptime")
+    ap.add_argument("--cpu", action="store_true", help="time on CPU even if CUDA is available")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--plot", default="recipes/results/shampoo_convergence.png")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.hidden, args.layers, args.steps, args.eval_every = 64, 1, 20, 10
+        args.t1, args.t2, args.lrs, args.cycles, args.batch = 2, 5, [2e-3], 1, 4
+    result = {"machine": platform.processor() or platform.machine(),
+              "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if args.part in ("all", "memory"):
+        result["memory"] = bench_memory(args.quick)
+        m = result["memory"]
+        print(f"memory: 4-bit {m['total_bits4'] / 2**20:.1f} MiB vs 32-bit "
+              f"{m['total_bits32'] / 2**20:.1f} MiB ({m['ratio_32_over_4']:.2f}x)", flush=True)
+    if args.part in ("all", "convergence"):
+        result["convergence"] = bench_convergence(args)
+        if args.plot and not args.quick:
+            plot(result["convergence"], args.plot)
+    if args.part in ("all", "steptime"):
+        result["steptime"] = bench_steptime(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()
