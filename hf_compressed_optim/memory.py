@@ -20,6 +20,16 @@ def unwrap_optimizer(optimizer):
     return optimizer
 
 
+def state_holder(optimizer):
+    """The optimizer whose ``state`` holds this rank's tensors: the innermost one, or the local
+    optimizer of a ZeRO-sharded one (whose own ``state`` is only a stale copy)."""
+    opt = unwrap_optimizer(optimizer)
+    local = getattr(opt, "optim", None)
+    if isinstance(local, torch.optim.Optimizer) and hasattr(opt, "consolidate_state_dict"):
+        return local
+    return opt
+
+
 def _leaf_tensors(t: torch.Tensor):
     """Plain tensors holding the data of ``t``: a DTensor's local shard; tensor subclasses
     (e.g. torchao's quantized optimizer states) flattened into their inner tensors."""
@@ -42,7 +52,7 @@ def optimizer_state_bytes(optimizer, by: str = "category") -> dict[str, int]:
     """
     if by not in ("category", "key"):
         raise ValueError(f"by must be 'category' or 'key', got {by!r}")
-    opt = unwrap_optimizer(optimizer)
+    opt = state_holder(optimizer)
     categories = getattr(opt, "STATE_CATEGORIES", {})
     seen: set[tuple] = set()
     out: dict[str, int] = {"total": 0}

@@ -1,7 +1,9 @@
 """DDP through the Trainer under torchrun (2 gloo ranks on CPU) for every optimizer name.
 
 Every rank must hold identical parameters and optimizer state (Trainer saves only rank 0's
-``optimizer.pt``), and resuming from a checkpoint must continue exactly.
+``optimizer.pt``), and resuming from a checkpoint must continue exactly. With
+``optim_args="shard_state=true"`` (ZeRO-1) each rank holds about half the state, and the
+parameters equal those of the unsharded run.
 """
 
 import json
@@ -20,19 +22,43 @@ CASES = {
                           ["--bf16_params"]),
 }
 
+SHARDED_CASES = {
+    "microadam-shard": ("microadam", "window_size=3,density=0.1,shard_state=true"),
+}
+
+
+def run(tmp_path, optim, optim_args, extra):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(WORKER), "--optim", optim, "--optim_args", optim_args, "--out_dir", str(tmp_path),
+           *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    errors = [line for line in proc.stderr.splitlines()
+              if "Error" in line or "Traceback" in line or "exitcode" in line]
+    assert proc.returncode == 0, "\n".join(errors[-40:]) or proc.stderr[-4000:]
+    res = json.loads((tmp_path / "result.json").read_text())
+    assert res["world_size"] == 2 and res["distributed_type"] == "DistributedType.MULTI_CPU"
+    assert res["params_identical_across_ranks"]
+    assert res["resumed_global_step"] == 6
+    assert res["resume_max_diff"] == 0.0
+    return res
+
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_ddp_trainer_ranks_identical_and_resume_exact(tmp_path, case):
     optim, optim_args, extra = CASES[case]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(WORKER), "--optim", optim, "--optim_args", optim_args, "--out_dir", str(tmp_path),
-           *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    res = json.loads((tmp_path / "result.json").read_text())
-    assert res["world_size"] == 2 and res["distributed_type"] == "DistributedType.MULTI_CPU"
-    assert res["params_identical_across_ranks"]
+    res = run(tmp_path, optim, optim_args, extra)
     assert res["state_identical_across_ranks"]
-    assert res["resumed_global_step"] == 6
-    assert res["resume_max_diff"] == 0.0
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("case", sorted(SHARDED_CASES))
+def test_ddp_trainer_sharded_state(tmp_path, case):
+    optim, optim_args = SHARDED_CASES[case]
+    res = run(tmp_path, optim, optim_args, ["--compare_unsharded"])
+    assert res["sharded_class"].startswith("ZeroSharded")
+    assert res["max_diff_vs_unsharded"] == 0.0
+    full = res["unsharded_state_bytes_per_rank"]
+    per_rank = res["state_bytes_per_rank"]
+    assert sum(per_rank) == pytest.approx(full[0], rel=0.02)  # the state is split, not copied
+    assert max(per_rank) < 0.6 * full[0]  # and balanced

@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..optim_args import SCHEMAS, get_schema, split_optim_args
+from ..optim_args import SCHEMAS, get_schema, parse_bool, split_optim_args
 
 __all__ = [
     "HANDLERS", "CompressedTrainerMixin", "OptimizerContext", "RegistrationError",
@@ -105,6 +105,34 @@ def _accepted_kwargs(cls) -> set[str] | None:
             if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
 
 
+#: the optim_args key, common to every optimizer, that shards the state over DDP ranks (ZeRO-1)
+SHARD_STATE_KEY = "shard_state"
+
+
+def pop_shard_state(optim_args) -> tuple[Any, bool]:
+    """``optim_args`` without ``shard_state``, and its boolean value (default False)."""
+    if not optim_args:
+        return optim_args, False
+    if isinstance(optim_args, str):
+        optim_args = _optim_args_dict(optim_args)
+    rest = dict(optim_args)
+    value = rest.pop(SHARD_STATE_KEY, False)
+    return rest, parse_bool(SHARD_STATE_KEY, value)
+
+
+def sharded_if_distributed(cls):
+    """``cls`` with ZeRO-1 state sharding when torch.distributed runs with several ranks."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        warnings.warn(f"optim_args {SHARD_STATE_KEY}=true has no effect in a single process; "
+                      f"using plain {cls.__name__}", UserWarning, stacklevel=3)
+        return cls
+    from ..zero_sharding import sharded
+
+    return sharded(cls)
+
+
 def schema_handler(name: str) -> Handler:
     """The generic handler of an optimizer described by an ``optim_args`` schema.
 
@@ -122,7 +150,7 @@ def schema_handler(name: str) -> Handler:
         base = {**dict(ctx.optimizer_kwargs), **dict(ctx.adam_kwargs)}
         if accepted is not None:
             base = {k: v for k, v in base.items() if k in accepted}
-        optim_args = ctx.optim_args
+        optim_args, shard = pop_shard_state(ctx.optim_args)
         kwargs = schema.build_kwargs(optim_args, base)
         if optim_args and "weight_decay" in optim_args:
             warnings.warn(
@@ -131,6 +159,8 @@ def schema_handler(name: str) -> Handler:
                 "args.weight_decay (decay group) and 0.0 (no-decay group). Set "
                 "--weight_decay / TrainingArguments(weight_decay=...) instead.", UserWarning,
                 stacklevel=2)
+        if shard:
+            return sharded_if_distributed(cls), kwargs
         return cls, kwargs
 
     handler.__name__ = f"_get_{schema.optimizer}"
@@ -327,6 +357,9 @@ def register(names=None) -> list:
                                     + PATCH_FREE_HINT) from err
     members = register_into(enum_cls, handlers_dict, trainer_cls, names)
     _REGISTERED.update(m._value_ for m in members)
+    from ..zero_sharding import install_default_callback
+
+    install_default_callback()  # consolidates sharded state before Trainer checkpoints
     return members
 
 
@@ -428,6 +461,11 @@ class CompressedTrainerMixin:
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        from ..zero_sharding import ConsolidateOnSaveCallback
+
+        if not any(isinstance(cb, ConsolidateOnSaveCallback)
+                   for cb in self.callback_handler.callbacks):
+            self.add_callback(ConsolidateOnSaveCallback)
         if self.memory_callback:
             from ..callbacks import add_memory_callback
 

@@ -22,7 +22,16 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import hf_compressed_optim as hco  # noqa: E402,F401  (registers the optim names)
 from _hf_utils import lm_dataset, tiny_llama, training_args  # noqa: E402
-from hf_compressed_optim.memory import unwrap_optimizer  # noqa: E402
+from hf_compressed_optim.memory import (  # noqa: E402
+    optimizer_state_bytes, state_holder, unwrap_optimizer,
+)
+from hf_compressed_optim.zero_sharding import find_zero_optimizer  # noqa: E402
+
+
+def _gather_ints(value: int) -> list[int]:
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, int(value))
+    return out
 
 
 def digest(tensors) -> str:
@@ -35,7 +44,7 @@ def digest(tensors) -> str:
 
 
 def state_tensors(opt):
-    opt = unwrap_optimizer(opt)
+    opt = state_holder(opt)
     out = []
     for p in (p for g in opt.param_groups for p in g["params"]):
         for key in sorted(opt.state.get(p, {})):
@@ -51,6 +60,8 @@ def main():
     ap.add_argument("--optim_args", default=None)
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--out_dir", required=True)
+    ap.add_argument("--compare_unsharded", action="store_true",
+                    help="also train without shard_state and compare parameters and bytes")
     ap.add_argument("--bf16_params", action="store_true",
                     help="pure bf16 parameters (transformers' default LLaMA load dtype)")
     args = ap.parse_args()
@@ -73,7 +84,7 @@ def main():
            "distributed_type": str(full.accelerator.distributed_type),
            "optimizer_class": type(unwrap_optimizer(full.optimizer)).__name__}
     params = list(full.model.parameters())
-    mine = [digest(params), digest(state_tensors(full.optimizer))]
+    mine = [digest(params), digest(state_tensors(full.optimizer))]  # ZeRO: the local part
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
     res["params_identical_across_ranks"] = len({g[0] for g in gathered}) == 1
@@ -85,9 +96,26 @@ def main():
     res["resume_max_diff"] = max(float((a.detach() - b.detach()).abs().max())
                                  for a, b in zip(resumed.model.parameters(), params))
     res["resumed_global_step"] = resumed.state.global_step
+    res["state_bytes_per_rank"] = _gather_ints(optimizer_state_bytes(full.optimizer)["total"])
+    if args.compare_unsharded:
+        from hf_compressed_optim.integrations.transformers import pop_shard_state
+
+        plain_args, _ = pop_shard_state(args.optim_args)
+        plain_args = ",".join(f"{k}={v}" for k, v in plain_args.items()) or None
+        plain = Trainer(model=model(), train_dataset=data,
+                        args=training_args(os.path.join(args.out_dir, "plain"),
+                                           **{**common, "optim_args": plain_args}))
+        plain.train()
+        res["max_diff_vs_unsharded"] = max(float((a.detach() - b.detach()).abs().max())
+                                           for a, b in zip(plain.model.parameters(), params))
+        res["unsharded_state_bytes_per_rank"] = _gather_ints(
+            optimizer_state_bytes(plain.optimizer)["total"])
+        res["sharded_class"] = type(find_zero_optimizer(full.optimizer)).__name__
     if dist.get_rank() == 0:
         with open(os.path.join(args.out_dir, "result.json"), "w") as f:
             json.dump(res, f)
+    dist.barrier()  # no rank exits while another still talks to it
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
