@@ -15,12 +15,9 @@ bytes per element (0.96 at the defaults).
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import kernels as K
-from . import sharded_state
 from .kernels import MAX_INT16_BLOCK, TopKLayout
 from .optimizer_base import CompressedOptimizer, as_float, local_tensor
 from .validation import check_betas, check_float, check_int, check_lr
@@ -120,16 +117,12 @@ class MicroAdam(CompressedOptimizer):
 
     @classmethod
     def _init_state(cls, state: dict, p: torch.Tensor, group: dict) -> None:
-        """Create the state of ``p`` (a parameter; DTensor shards get packed DTensor state)."""
-        pl = local_tensor(p)
+        """Create the state of the (local) tensor ``p``."""
         cls._init_geometry(state, group)
         state["step"] = torch.zeros((), dtype=torch.int64)
         state["nonfinite_skips"] = torch.zeros((), dtype=torch.int64)
-        for key, shape in cls.state_shapes(state, pl.numel()).items():
-            state[key] = torch.zeros(shape, dtype=cls._STATE_DTYPES[key], device=pl.device)
-        if sharded_state.is_sharded(p):
-            capacity = cls.state_shapes(state, math.prod(sharded_state.max_local_shape(p)))
-            sharded_state.pack_state(state, p, capacity)
+        for key, shape in cls.state_shapes(state, p.numel()).items():
+            state[key] = torch.zeros(shape, dtype=cls._STATE_DTYPES[key], device=p.device)
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -155,7 +148,7 @@ class MicroAdam(CompressedOptimizer):
             state = self.state[p]
             fresh = not state
             if fresh:
-                self._init_state(state, p, group)
+                self._create_state(state, p, group)
             if not finite:
                 state["nonfinite_skips"] += 1
                 skipped.append(f"param {index} {tuple(p.shape)}")
@@ -178,7 +171,7 @@ class MicroAdam(CompressedOptimizer):
         if n == 0:
             return
         layout = self.layout_of(state, n)
-        st = sharded_state.local_views(state, self.state_shapes(state, n), self._STATE_DTYPES)
+        st = self._local_state(p, state)
         slot = (t - 1) % state["window_size"]
         K.error_feedback_compress(grad, st["ef_codes"], st["ef_min"], st["ef_max"],
                                   state["quant_block"], layout, st["window_indices"][slot],

@@ -14,7 +14,7 @@ from itertools import chain
 
 import torch
 
-from .sharded_state import is_sharded
+from .sharded_state import is_sharded, local_view, pack, possible_local_shapes
 from .validation import check_choice
 
 NONFINITE_POLICIES = ("skip", "raise")
@@ -40,6 +40,64 @@ class CompressedOptimizer(torch.optim.Optimizer):
     def __init__(self, params, defaults: dict, nonfinite: str = "skip"):
         self.nonfinite = check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
         super().__init__(params, defaults)
+
+    # -------------------------------------------------------------- state creation
+    def _init_state(self, state: dict, p: torch.Tensor, group: dict) -> None:
+        """Fill ``state`` for the (local) tensor ``p``. Must also work on a meta tensor."""
+        raise NotImplementedError
+
+    def _create_state(self, state: dict, p: torch.Tensor, group: dict) -> None:
+        """``_init_state`` on p's local tensor; for a sharded DTensor p (FSDP2) every state tensor
+        with dimensions is then packed as a DTensor (see :mod:`.sharded_state`) so distributed
+        checkpoints see each rank's state."""
+        local = local_tensor(p)
+        self._init_state(state, local, group)
+        if not is_sharded(p):
+            return
+        capacity: dict[str, tuple[int, torch.dtype]] = {}
+        for shape in possible_local_shapes(p):
+            probe: dict = {}
+            self._init_state(probe, torch.empty(shape, dtype=local.dtype, device="meta"), group)
+            for key, value in probe.items():
+                if torch.is_tensor(value) and value.dim() > 0:
+                    nbytes = max(capacity.get(key, (0,))[0], value.numel() * value.itemsize)
+                    capacity[key] = (nbytes, value.dtype)
+        for key, (_, dtype) in capacity.items():
+            # keys only other shards have (e.g. preconditioners of a non-empty block): empty here
+            state.setdefault(key, torch.empty(0, dtype=dtype, device=local.device))
+        self._local_layouts[(id(p), tuple(local.shape))] = {
+            key: (tuple(state[key].shape), state[key].dtype) for key in capacity}
+        for key, (nbytes, _) in capacity.items():
+            state[key] = pack(state[key], nbytes, p)
+
+    def _local_state(self, p: torch.Tensor, state: dict) -> dict:
+        """``state`` with packed DTensor entries replaced by views of this rank's part (the dict
+        itself when nothing is packed). Updates through the views change the state in place."""
+        if not any(isinstance(v, torch.Tensor) and hasattr(v, "to_local") for v in state.values()):
+            return state
+        local = local_tensor(p)
+        key = (id(p), tuple(local.shape))
+        layout = self._local_layouts.get(key)
+        if layout is None:  # e.g. after loading a checkpoint into a fresh optimizer
+            probe: dict = {}
+            group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+            self._init_state(probe, torch.empty(local.shape, dtype=local.dtype, device="meta"),
+                             group)
+            # keys this shard lacks (only other shards' blocks have them) are empty here
+            layout = {k: (tuple(probe[k].shape), probe[k].dtype) if k in probe else
+                      ((0,), torch.uint8) for k, v in state.items() if hasattr(v, "to_local")}
+            self._local_layouts[key] = layout
+        out = dict(state)
+        for name, (shape, dtype) in layout.items():
+            out[name] = local_view(state[name], shape, dtype)
+        return out
+
+    @property
+    def _local_layouts(self) -> dict:
+        cache = self.__dict__.get("_local_layout_cache")
+        if cache is None:
+            cache = self.__dict__["_local_layout_cache"] = {}
+        return cache
 
     # -------------------------------------------------------------- checkpoints
     def load_state_dict(self, state_dict: dict) -> None:

@@ -179,6 +179,8 @@ class Shampoo(CompressedOptimizer):
             state[key] = torch.zeros(size, dtype=dtype, device=dev)
         for key, size in zip(FP32_KEYS, layout.fp32_sizes):
             state[key] = torch.zeros(size, dtype=torch.float32, device=dev)
+        if dev.type == "meta":  # shapes only (sizing of FSDP2 state)
+            return
         name, block, eps = group["codebook"], group["quant_block_size"], group["matrix_eps"]
         identity: dict[int, tuple] = {}
         for f in layout.factors:
@@ -225,14 +227,15 @@ class Shampoo(CompressedOptimizer):
                     raise RuntimeError("Shampoo does not support sparse gradients; use dense "
                                        "gradients (e.g. nn.Embedding(sparse=False))")
                 work.append((index, group, p, local_tensor(p.grad)))
-        flags = self._finite_flags([w[3] for w in work])
+        flags = self._finite_flags([w[3] for w in work], [w[2] for w in work])
         skipped, jobs = [], []
         for (index, group, p, grad), finite in zip(work, flags):
             state = self.state[p]
             pl = local_tensor(p)
             fresh = not state
             if fresh:
-                self._init_state(state, pl, group)
+                self._create_state(state, p, group)
+            state = self._local_state(p, state)  # FSDP2: views of this rank's packed state
             if not finite:
                 state["nonfinite_skips"] += 1
                 skipped.append(f"param {index} {tuple(p.shape)}")

@@ -19,11 +19,9 @@ work like for any DTensor state.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-
 import torch
 
-__all__ = ["is_sharded", "max_local_shape", "pack", "local_view", "pack_state", "local_views"]
+__all__ = ["is_sharded", "possible_local_shapes", "pack", "local_view"]
 
 
 def _dtensor_api():
@@ -40,16 +38,28 @@ def is_sharded(p: torch.Tensor) -> bool:
     return any(isinstance(pl, Shard) for pl in p.placements)
 
 
-def max_local_shape(p: torch.Tensor) -> tuple[int, ...]:
-    """The largest local block any rank holds (torch.chunk semantics: the first chunk)."""
+def possible_local_shapes(p: torch.Tensor) -> list[tuple[int, ...]]:
+    """Every local block shape some rank holds (torch.chunk semantics), largest first.
+
+    State sizes are not always monotone in the block size (Shampoo keeps small factors in fp32),
+    so capacities are the maximum over all of these, not the size for the largest block.
+    """
     _, _, Shard = _dtensor_api()
-    shape = list(p.shape)
+    shapes = {tuple(int(d) for d in p.shape)}
     for mesh_dim, pl in enumerate(p.placements):
-        if isinstance(pl, Shard):
-            size = p.device_mesh.size(mesh_dim)
-            d = pl.dim
-            shape[d] = -(-shape[d] // size) if shape[d] > 0 else 0
-    return tuple(shape)
+        if not isinstance(pl, Shard):
+            continue
+        size = p.device_mesh.size(mesh_dim)
+        nxt = set()
+        for shape in shapes:
+            n = shape[pl.dim]
+            chunk = -(-n // size) if n > 0 else 0
+            for i in range(size):
+                local = list(shape)
+                local[pl.dim] = max(0, min(chunk, n - i * chunk))
+                nxt.add(tuple(local))
+        shapes = nxt
+    return sorted(shapes, reverse=True)
 
 
 def _state_placements(p: torch.Tensor):
@@ -91,18 +101,3 @@ def local_view(value: torch.Tensor, shape, dtype: torch.dtype) -> torch.Tensor:
     row = value.to_local().view(-1)
     nbytes = math.prod(shape) * dtype.itemsize
     return row[:nbytes].view(dtype).view(tuple(shape))
-
-
-def pack_state(state: dict, p: torch.Tensor, capacity_shapes: Mapping[str, tuple]) -> None:
-    """Replace each state tensor named in ``capacity_shapes`` by its packed DTensor form.
-
-    ``capacity_shapes`` maps key -> shape of that tensor for the largest local block.
-    """
-    for key, shape in capacity_shapes.items():
-        state[key] = pack(state[key], math.prod(shape) * state[key].dtype.itemsize, p)
-
-
-def local_views(state: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple],
-                dtypes: Mapping[str, torch.dtype]) -> dict[str, torch.Tensor]:
-    """key -> local view for every key of ``shapes``."""
-    return {key: local_view(state[key], shape, dtypes[key]) for key, shape in shapes.items()}

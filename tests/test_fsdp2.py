@@ -17,17 +17,21 @@ def run_worker(tmp_path, optim):
            str(WORKER), "--optim", optim, "--ckpt", str(tmp_path / "ckpt"),
            "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    errors = [line for line in proc.stderr.splitlines()
+              if "Error" in line or "Traceback" in line or "exitcode" in line]
+    assert proc.returncode == 0, "\n".join(errors[-40:]) or proc.stderr[-4000:]
     return json.loads(out.read_text())
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("optim", ["microadam"])
+@pytest.mark.parametrize("optim", ["microadam", "shampoo_4bit", "shampoo_32bit"])
 def test_fsdp2_state_checkpoint_and_skips(tmp_path, optim):
     res = run_worker(tmp_path, optim)
     assert res["world_size"] == 2  # not a silent single-process launch
-    # no compression: training on shards equals one process
-    assert res["dense_max_diff"] == 0.0
+    if optim == "microadam":
+        # no compression: training on shards equals one process
+        assert res["dense_max_diff"] == 0.0
+    # (Shampoo preconditions each rank's row block, so it differs from one process by design)
     # the lr=0, zero-gradient template step of get_optimizer_state_dict changes nothing
     assert res["template_step_changed_params"] is False
     # DCP save / load into a fresh optimizer continues bit for bit, dtypes kept
