@@ -38,6 +38,7 @@ from .matrix_functions import (
     bjorck, compose, eigen_inverse_root, eigh_inverse_root, finite_per_matrix,
     qr_subspace_refresh, robust_batched, schur_newton_inverse_root, symmetrize,
 )
+from .flat_partitions import flat_partition_engine
 from .optimizer_base import CompressedOptimizer, as_float, local_tensor
 from .shampoo_blocks import (
     FP32_KEYS, QUANT_KEYS, ParamLayout, group_indices, param_layout, split_blocks,
@@ -156,6 +157,21 @@ class Shampoo(CompressedOptimizer):
         self._warned: set[str] = set()
         super().__init__(params, defaults, nonfinite=nonfinite)
 
+    _engine_checked = False
+
+    def _check_engine(self) -> None:
+        """Shampoo needs each parameter's 2-D shape, which flat partitions have lost."""
+        engine = flat_partition_engine(self.param_groups)
+        if engine is not None:
+            raise RuntimeError(
+                f"Shampoo cannot precondition the flat 1-D parameter partitions that {engine} "
+                "hands the optimizer: the matrix structure Shampoo's Kronecker factors need is "
+                "gone, so it would silently degrade to its first-order optimizer. Use FSDP2 "
+                "(fully_shard / accelerate fsdp_version: 2, which keeps parameter shapes and "
+                "shards rows), DDP (optionally with optim_args shard_state=true), or a vector "
+                "method (microadam, efcp_mfac) with FSDP1 / DeepSpeed.")
+        self._engine_checked = True
+
     # ------------------------------------------------------------------ state
     def _init_state(self, state: dict, p: torch.Tensor, group: dict) -> None:
         state["step"] = torch.zeros((), dtype=torch.int64)
@@ -212,6 +228,8 @@ class Shampoo(CompressedOptimizer):
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure=None):
+        if not self._engine_checked:
+            self._check_engine()
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -8,10 +8,9 @@ parameters equal those of the unsharded run.
 
 import json
 import pathlib
-import subprocess
-import sys
 
 import pytest
+from _dist_utils import torchrun
 
 WORKER = pathlib.Path(__file__).parent / "distributed" / "ddp_trainer_worker.py"
 
@@ -28,13 +27,8 @@ SHARDED_CASES = {
 
 
 def run(tmp_path, optim, optim_args, extra):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(WORKER), "--optim", optim, "--optim_args", optim_args, "--out_dir", str(tmp_path),
-           *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    errors = [line for line in proc.stderr.splitlines()
-              if "Error" in line or "Traceback" in line or "exitcode" in line]
-    assert proc.returncode == 0, "\n".join(errors[-40:]) or proc.stderr[-4000:]
+    torchrun(WORKER, "--optim", optim, "--optim_args", optim_args, "--out_dir", str(tmp_path),
+             *extra, log=tmp_path / "stderr.txt")
     res = json.loads((tmp_path / "result.json").read_text())
     assert res["world_size"] == 2 and res["distributed_type"] == "DistributedType.MULTI_CPU"
     assert res["params_identical_across_ranks"]

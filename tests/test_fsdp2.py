@@ -3,23 +3,17 @@ skipping. See ``tests/distributed/fsdp2_worker.py`` for what each figure means."
 
 import json
 import pathlib
-import subprocess
-import sys
 
 import pytest
+from _dist_utils import torchrun
 
 WORKER = pathlib.Path(__file__).parent / "distributed" / "fsdp2_worker.py"
 
 
 def run_worker(tmp_path, optim):
     out = tmp_path / "result.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(WORKER), "--optim", optim, "--ckpt", str(tmp_path / "ckpt"),
-           "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    errors = [line for line in proc.stderr.splitlines()
-              if "Error" in line or "Traceback" in line or "exitcode" in line]
-    assert proc.returncode == 0, "\n".join(errors[-40:]) or proc.stderr[-4000:]
+    torchrun(WORKER, "--optim", optim, "--ckpt", str(tmp_path / "ckpt"), "--out", str(out),
+             log=tmp_path / "stderr.txt")
     return json.loads(out.read_text())
 
 
