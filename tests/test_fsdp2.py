@@ -37,3 +37,7 @@ def test_fsdp2_state_checkpoint_and_skips(tmp_path, optim):
     # a NaN in rank 1's shard skips the parameter on both ranks
     assert res["nonfinite_skips_per_rank"] == [1, 1]
     assert res["skipped_param_unchanged_per_rank"] == [1, 1]
+    # FSDP2 mixed precision: fp32 sharded master weights, bf16 compute, training progresses
+    mp = res["mixed_precision"]
+    assert mp["param_dtypes"] == ["torch.float32"]
+    assert mp["last"] < mp["first"]

@@ -65,11 +65,12 @@ def full_params(model):
             for p in model.parameters()]
 
 
-def shard(model, mesh):
+def shard(model, mesh, mp_policy=None):
+    kw = {"mp_policy": mp_policy} if mp_policy is not None else {}
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+            fully_shard(layer, mesh=mesh, **kw)
+    fully_shard(model, mesh=mesh, **kw)
 
 
 def swap_optimizer_params(opt, old_params, new_params):
@@ -168,6 +169,25 @@ def main():
     skips = torch.tensor([opt2.nonfinite_skips])
     unchanged = torch.tensor([int(torch.equal(first.to_local(), before))])
     res["nonfinite_skips_per_rank"] = [int(v) for v in _gather(skips)]
+
+    # 5. FSDP2 mixed precision (accelerate's policy): fp32 sharded masters, bf16 compute
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)
+    model3 = build_model()
+    plain3 = list(model3.parameters())
+    opt3 = make_optimizer(args.optim, model3.parameters(), 0.25)
+    shard(model3, mesh, policy)
+    swap_optimizer_params(opt3, plain3, list(model3.parameters()))
+    losses = []
+    for x in batches(12, seed=3):
+        loss = model3(x).pow(2).mean()
+        loss.backward()
+        opt3.step()
+        opt3.zero_grad()
+        losses.append(float(loss))
+    res["mixed_precision"] = {"first": losses[0], "last": losses[-1],
+                              "param_dtypes": sorted({str(p.dtype) for p in model3.parameters()})}
     res["skipped_param_unchanged_per_rank"] = [int(v) for v in _gather(unchanged)]
     if rank == 0:
         with open(args.out, "w") as f:
