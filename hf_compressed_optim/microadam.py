@@ -127,21 +127,8 @@ class MicroAdam(CompressedOptimizer):
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        work = []  # (index, group, param, grad)
-        index = -1
-        for group in self.param_groups:
-            for p in group["params"]:
-                index += 1
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("MicroAdam does not support sparse gradients; use dense "
-                                       "gradients (e.g. nn.Embedding(sparse=False))")
-                work.append((index, group, p, local_tensor(p.grad)))
+        loss = self._run_closure(closure)
+        work = self._grad_work()
         flags = self._finite_flags([w[3] for w in work], [w[2] for w in work])
         skipped = []
         for (index, group, p, grad), finite in zip(work, flags):

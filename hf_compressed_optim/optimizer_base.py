@@ -117,6 +117,30 @@ class CompressedOptimizer(torch.optim.Optimizer):
                         current.dtype != incoming.dtype:
                     loaded[name] = incoming.to(device=current.device)
 
+    # -------------------------------------------------------------- step helpers
+    @staticmethod
+    def _run_closure(closure):
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
+    def _grad_work(self) -> list[tuple[int, dict, torch.Tensor, torch.Tensor]]:
+        """``(index, group, param, local grad)`` for every parameter with a gradient, in group
+        order; ``index`` counts all parameters (it seeds per-parameter randomness)."""
+        work = []
+        index = -1
+        for group in self.param_groups:
+            for p in group["params"]:
+                index += 1
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients; "
+                                       "use dense gradients (e.g. nn.Embedding(sparse=False))")
+                work.append((index, group, p, local_tensor(p.grad)))
+        return work
+
     # -------------------------------------------------------------- non-finite gradients
     def _finite_flags(self, grads: list[torch.Tensor], params: list[torch.Tensor] | None = None
                       ) -> list[bool]:

@@ -230,21 +230,8 @@ class Shampoo(CompressedOptimizer):
     def step(self, closure=None):
         if not self._engine_checked:
             self._check_engine()
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        work = []
-        index = -1
-        for group in self.param_groups:
-            for p in group["params"]:
-                index += 1
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("Shampoo does not support sparse gradients; use dense "
-                                       "gradients (e.g. nn.Embedding(sparse=False))")
-                work.append((index, group, p, local_tensor(p.grad)))
+        loss = self._run_closure(closure)
+        work = self._grad_work()
         flags = self._finite_flags([w[3] for w in work], [w[2] for w in work])
         skipped, jobs = [], []
         for (index, group, p, grad), finite in zip(work, flags):

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from hf_compressed_optim import MicroAdam, optimizer_memory_report
-from hf_compressed_optim.kernels import reference as R
 
 
 def _bf16_exact(shape, gen):

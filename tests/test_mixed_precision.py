@@ -6,7 +6,6 @@
   leave the optimizer state untouched; the others train.
 """
 
-import copy
 
 import pytest
 import torch

@@ -12,9 +12,7 @@ optimizer's parameters are swapped for the DTensor shards (as accelerate's
 """
 
 import argparse
-import copy
 import json
-import os
 
 import torch
 import torch.distributed as dist
