@@ -20,6 +20,8 @@ from .microadam import MicroAdam
 from .shampoo import Shampoo, Shampoo32bit
 # ---- end shampoo exports ----
 # ---- efcp exports (issue #4) ----
+from .sparse_ggt import SparseGGT
+from .sparse_mfac import SparseMFAC
 # ---- end efcp exports ----
 from .optim_args import parse_optim_args
 from .optimizer_base import CompressedOptimizer
@@ -29,6 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CompressedOptimizer", "CompressedTrainerMixin", "MicroAdam", "OptimizerMemoryCallback",
     "Shampoo", "Shampoo32bit",
+    "SparseGGT", "SparseMFAC",
     "RegistrationError", "add_memory_callback", "kernels", "optimizer_cls_and_kwargs",
     "optimizer_memory_report", "optimizer_state_bytes", "parse_optim_args", "register",
     "__version__",

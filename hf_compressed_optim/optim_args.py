@@ -410,4 +410,44 @@ SHAMPOO_32BIT_SCHEMA = register_schema(OptimArgsSchema(
 # ---- end shampoo schemas ----
 
 # ---- efcp schemas (issue #4) ----
+def _sparse_mfac_cls():
+    from .sparse_mfac import SparseMFAC
+
+    return SparseMFAC
+
+
+def _sparse_ggt_cls():
+    from .sparse_ggt import SparseGGT
+
+    return SparseGGT
+
+
+#: keys shared by SparseMFAC and SparseGGT (ranges are checked by the constructors)
+EFCP_OPTIONS = (
+    Option("window_size", "int", aliases=("m",), help="in [1, 8192]"),
+    Option("density", "float", aliases=("k_init",), help="in (0, 1]"),
+    Option("weight_decay", "float", help=">= 0"),
+    Option("momentum", "float", help="in [0, 1)"),
+    Option("compressor", "choice", choices=("topk", "lowrank")),
+    Option("rank", "int", help="in [1, 1024]"),
+    Option("ef_bits", "int", help="4, 16 or 32"),
+    Option("value_dtype", "choice", choices=("bf16", "fp32")),
+    Option("wd_mode", "choice", choices=("decoupled_lr_scaled", "decoupled_unscaled", "l2")),
+    Option("topk_block_size", "int", help="in [1, 32768]"),
+    Option("quant_block_size", "int", help="even, in [2, 1048576]"),
+    Option("seed", "int", help=">= 0"),
+    Option("nonfinite", "choice", choices=("skip", "raise")),
+)
+EFCP_MFAC_OPTIONS = (
+    Option("damp", "float", aliases=("lambda",), help="> 0"),
+    Option("fix_scaling", "bool"),
+    *EFCP_OPTIONS,
+)
+EFCP_MFAC_SCHEMA = register_schema(OptimArgsSchema(
+    optimizer="efcp_mfac", options=EFCP_MFAC_OPTIONS, optimizer_cls=_sparse_mfac_cls))
+EFCP_SCHEMA = register_schema(OptimArgsSchema(  # alias of efcp_mfac
+    optimizer="efcp", options=EFCP_MFAC_OPTIONS, optimizer_cls=_sparse_mfac_cls))
+EFCP_GGT_SCHEMA = register_schema(OptimArgsSchema(
+    optimizer="efcp_ggt", options=(Option("eps", "float", help="> 0"), *EFCP_OPTIONS),
+    optimizer_cls=_sparse_ggt_cls))
 # ---- end efcp schemas ----

@@ -126,6 +126,34 @@ def codebook_dequantize_offdiag(diag, codes, absmax, name, block, dtype=torch.fl
 # ---- end shampoo kernels ----
 
 # ---- efcp kernels (issue #4) ----
+@functools.lru_cache(maxsize=1)
+def _sparse_rows_triton():
+    """The Triton twins of the EFCP window passes, or None without triton."""
+    if not triton_available():
+        return None
+    try:
+        from . import sparse_rows_triton
+    except Exception:
+        return None
+    return sparse_rows_triton
+
+
+def _sparse_rows_impl(tensor: torch.Tensor):
+    from . import sparse_rows
+
+    if backend_for(tensor) == "triton" and _sparse_rows_triton() is not None:
+        return _sparse_rows_triton()
+    return sparse_rows
+
+
+def sparse_rows_dot(idx, vals, layout, x, nrows=None):
+    """fp64 [nrows]: <row_i, x> of a sparse window (SP); see kernels/sparse_rows.py."""
+    return _sparse_rows_impl(x).sparse_rows_dot(idx, vals, layout, x, nrows)
+
+
+def sparse_rows_combine(idx, vals, layout, coeffs, out, nrows=None):
+    """out += sum_i coeffs[i] * row_i (LCG, scatter-add into dense fp32 ``out``)."""
+    return _sparse_rows_impl(out).sparse_rows_combine(idx, vals, layout, coeffs, out, nrows)
 # ---- end efcp kernels ----
 
 __all__ = [
@@ -138,4 +166,5 @@ __all__ += ["codebook_quantize_rows", "codebook_dequantize_rows", "codebook_quan
             "codebook_dequantize_offdiag"]
 # ---- end shampoo __all__ ----
 # ---- efcp __all__ (issue #4) ----
+__all__ += ["sparse_rows_dot", "sparse_rows_combine"]
 # ---- end efcp __all__ ----

@@ -199,6 +199,28 @@ add_optimizer("shampoo_4bit")
 add_optimizer("shampoo_32bit")
 # ---- end shampoo names ----
 # ---- efcp names (issue #4) ----
+def _efcp_handler(name: str) -> Handler:
+    """The schema handler without Trainer's Adam arguments: ``adam_epsilon`` (1e-8) is not
+    SparseGGT's ``eps`` (1e-5 by default, and ``lr / eps`` is its step off the window's span),
+    so ``eps`` comes from ``optim_args`` only."""
+    inner = schema_handler(name)
+
+    def handler(ctx):
+        if pop_shard_state(ctx.optim_args)[1]:
+            raise ValueError(
+                f"optim_args key 'shard_state' is not supported by {name!r}: its one global "
+                "preconditioner needs the inner products over all parameters, which a ZeRO-1 "
+                "partition splits across ranks; run plain DDP (every rank holds the full state)")
+        return inner(OptimizerContext(args=ctx.args, model=getattr(ctx, "model", None),
+                                      optimizer_kwargs=dict(ctx.optimizer_kwargs),
+                                      adam_kwargs={}, optim_args=ctx.optim_args))
+
+    handler.__name__ = handler.__qualname__ = f"_get_{name}"
+    return handler
+
+
+for _efcp_name in ("efcp_mfac", "efcp", "efcp_ggt"):
+    add_optimizer(_efcp_name, _efcp_handler(_efcp_name))
 # ---- end efcp names ----
 
 

@@ -1,0 +1,240 @@
+"""The step shared by the EFCP optimizers: error-fed compression into one global window, then a
+window preconditioner applied to the compressed accumulator.
+
+Per step (EFCP spec section 2), with ``c`` the new compressed row (of the whole model):
+
+1. every parameter with a gradient: ``a = e + g``, ``c_p = C(a)``, ``e = a - c_p``, ``c_p``
+   written into ring slot ``count % m`` (parameters without a gradient write a zero slice);
+2. the new row's inner products with every stored row (the SP pass, summed over parameters and
+   passed through :meth:`EFCPOptimizer._all_reduce`) replace row/column ``slot`` of ``G G^T``;
+3. the subclass turns ``G G^T`` and ``G x`` into ``(s, z)`` with ``P^-1 x = s x + G^T z``
+   (an m x m problem);
+4. every parameter: ``u_p = s c_p + sum_i z_i row_i,p`` (one LCG pass; ``c`` is the slot's own
+   row, so ``s`` is folded into ``z[slot]``), optional momentum ``v = mu v + u`` (no dampening),
+   weight decay, ``p <- p - lr u``.
+
+If *any* gradient is non-finite the whole step is skipped (the preconditioner is global):
+nothing enters the window or an error buffer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import efcp_window as W
+from .kernels import MAX_INT16_BLOCK
+from .optimizer_base import CompressedOptimizer, as_float, local_tensor
+from .validation import check_choice, check_float, check_int, check_lr
+
+WD_MODES = ("decoupled_lr_scaled", "decoupled_unscaled", "l2")
+COMPRESSORS = ("topk", "lowrank")
+#: the largest window: the m x m algebra is O(m^3) per step, and the Triton SP kernel puts the
+#: window rows on the second grid axis (at most 65535)
+MAX_WINDOW = 8192
+DEFAULT_TOPK_BLOCK = 16384
+
+
+def common_defaults(*, lr, window_size, density, weight_decay, momentum, compressor, rank,
+                    ef_bits, value_dtype, wd_mode, topk_block_size, quant_block_size) -> dict:
+    """Validated hyperparameters both optimizers share (ValueErrors name the argument)."""
+    check_lr(lr)
+    if isinstance(ef_bits, bool) or ef_bits not in W.EF_BITS:
+        raise ValueError(f"ef_bits must be one of {list(W.EF_BITS)} (32: fp32 error buffer, 16: "
+                         f"bf16, 4: the 4-bit block quantizer), got {ef_bits!r}")
+    quant_block_size = check_int("quant_block_size", quant_block_size, 2, 1 << 20)
+    if quant_block_size % 2:
+        raise ValueError("quant_block_size must be an even integer in [2, 1048576] (two 4-bit "
+                         f"codes share a byte), got {quant_block_size}")
+    return dict(
+        lr=lr,
+        window_size=check_int("window_size", window_size, 1, MAX_WINDOW),
+        density=check_float("density", density, 0.0, 1.0, lo_open=True),
+        weight_decay=check_float("weight_decay", weight_decay, 0.0),
+        momentum=check_float("momentum", momentum, 0.0, 1.0, hi_open=True),
+        compressor=check_choice("compressor", compressor, COMPRESSORS),
+        rank=check_int("rank", rank, 1, 1024),
+        ef_bits=int(ef_bits),
+        value_dtype=check_choice("value_dtype", value_dtype, tuple(W.VALUE_DTYPES)),
+        wd_mode=check_choice("wd_mode", wd_mode, WD_MODES),
+        topk_block_size=check_int("topk_block_size", topk_block_size, 1, MAX_INT16_BLOCK),
+        quant_block_size=quant_block_size,
+    )
+
+
+class EFCPOptimizer(CompressedOptimizer):
+    """Base class; subclasses implement :meth:`_solve` (the m x m part of the preconditioner)."""
+
+    STATE_CATEGORIES = {
+        "window_indices": "window", "window_values": "window",
+        "window_left": "window", "window_right": "window", "lowrank_q": "window",
+        "ef": "error_feedback", "ef_codes": "error_feedback", "ef_min": "error_feedback",
+        "ef_max": "error_feedback",
+        "gram": "preconditioner",
+        "momentum_buffer": "first_order",
+        "step": "counters", "window_count": "counters", "nonfinite_skips": "counters",
+    }
+    #: hyperparameters of the one global preconditioner: equal in every group
+    GLOBAL_HPARAMS: tuple[str, ...] = ("window_size",)
+
+    def __init__(self, params, defaults: dict, seed: int = 0, nonfinite: str = "skip"):
+        self.seed = check_int("seed", seed, 0, (1 << 62) - 1)
+        super().__init__(params, defaults, nonfinite=nonfinite)
+
+    # ------------------------------------------------------------------ hooks
+    def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum of ``tensor`` over data-parallel shards of the parameters (identity for now).
+
+        The global inner products (the new Gram row, ``G x``) are sums over parameters; when the
+        parameters are sharded (FSDP2) this is the one place that must all-reduce them.
+        """
+        return tensor
+
+    def _solve(self, gram: torch.Tensor, gx: torch.Tensor,
+               count: int) -> tuple[float, torch.Tensor]:
+        """``(s, z)`` with ``P^-1 x = s x + G^T z`` for the filled rows (``gram`` = G G^T)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ helpers
+    def _anchor(self):
+        """The parameter whose state holds the global tensors (spec section 13.5)."""
+        for group in self.param_groups:
+            if group["params"]:
+                return group["params"][0]
+        return None
+
+    def _check_global_hparams(self) -> None:
+        first = self.param_groups[0]
+        for group in self.param_groups[1:]:
+            for key in self.GLOBAL_HPARAMS:
+                if group[key] != first[key]:
+                    raise ValueError(
+                        f"{key} must be the same in every parameter group ({type(self).__name__} "
+                        f"has one global preconditioner), got {first[key]!r} and {group[key]!r}")
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        anchor = self._anchor()
+        if anchor is None:
+            return loss
+        self._check_global_hparams()
+        work = []  # (index, group, param, local grad)
+        idle = []  # params with state but no gradient this step
+        index = -1
+        for group in self.param_groups:
+            for p in group["params"]:
+                index += 1
+                if p.grad is None:
+                    if self.state.get(p) and "step" in self.state[p]:
+                        idle.append(p)
+                    continue
+                if callable(getattr(p, "to_local", None)):
+                    raise NotImplementedError(
+                        f"{type(self).__name__} does not support DTensor (FSDP2) parameters yet: "
+                        "the global inner products would need an all-reduce over the shards "
+                        "(EFCPOptimizer._all_reduce); use DDP or a single process")
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients; "
+                                       "use dense gradients (e.g. nn.Embedding(sparse=False))")
+                work.append((index, group, p, local_tensor(p.grad)))
+        if not work:
+            return loss
+        astate = self.state[anchor]
+        window_size = self.param_groups[0]["window_size"]
+        if not W.has_global_state(astate):
+            W.init_global_state(astate, window_size, local_tensor(anchor).device)
+        flags = self._finite_flags([w[3] for w in work])
+        if not all(flags):
+            astate["nonfinite_skips"] += 1
+            bad = [f"param {i} {tuple(p.shape)}" for (i, _, p, _), ok in zip(work, flags)
+                   if not ok]
+            self._on_nonfinite([f"all {len(work)} (global preconditioner; non-finite: "
+                                f"{', '.join(bad[:4])})"])
+            return loss
+        for index, group, p, _ in work:
+            state = self.state[p]
+            if "step" not in state:
+                W.init_param_state(state, local_tensor(p), group, window_size,
+                                   self.seed * 1_000_003 + index)
+        count = int(astate["window_count"])
+        if count == 0 and all(as_float(g["lr"]) == 0.0 for _, g, _, _ in work) and \
+                not bool(torch.stack([g.any() for *_, g in work]).any()):
+            # checkpoint template step (torch.distributed.checkpoint steps once with zero
+            # gradients and lr=0 to materialise state): state exists now, nothing else changes
+            return loss
+        self._update(work, idle, astate, count)
+        return loss
+
+    def _update(self, work, idle, astate, count: int) -> None:
+        gram = astate["gram"]
+        m = gram.shape[0]
+        slot = count % m
+        nrows = min(count + 1, m)
+        dev = gram.device
+        # 1. error feedback + compression into the slot
+        rows = []
+        dots = torch.zeros(nrows, dtype=torch.float64, device=dev)
+        for index, group, p, grad in work:
+            state = self.state[p]
+            c = W.compress_into_slot(state, grad, slot)
+            dots += W.slot_dots(state, slot, c, nrows).to(dev)
+            rows.append(c)
+        for p in idle:
+            W.clear_slot(self.state[p], slot)
+        # 2. query vector x = c (+ wd * theta for the l2 mode): G x
+        l2 = torch.zeros(nrows, dtype=torch.float64, device=dev)
+        for (index, group, p, grad) in work:
+            wd = as_float(group["weight_decay"])
+            if group["wd_mode"] == "l2" and wd != 0.0:
+                l2 += wd * W.dense_dots(self.state[p], local_tensor(p).float(), nrows).to(dev)
+        both = self._all_reduce(torch.stack((dots, l2)))
+        dots, l2 = both[0], both[1]
+        W.update_gram_(gram, slot, dots)
+        # 3. the m x m problem
+        s, z = self._solve(gram[:nrows, :nrows], dots + l2, count)
+        coeffs = z.clone()
+        coeffs[slot] += s
+        # 4. per-parameter update
+        for (index, group, p, grad), c in zip(work, rows):
+            state = self.state[p]
+            state["step"] += 1
+            pl = local_tensor(p)
+            if pl.numel() == 0:
+                continue
+            u = torch.zeros(pl.numel(), dtype=torch.float32, device=pl.device)
+            W.combine(state, coeffs, nrows, u)
+            lr = as_float(group["lr"])
+            wd = as_float(group["weight_decay"])
+            mode = group["wd_mode"]
+            if mode == "l2" and wd != 0.0:
+                u.add_(pl.reshape(-1).float(), alpha=s * wd)
+            if "momentum_buffer" in state:
+                buf = state["momentum_buffer"]
+                buf.mul_(group["momentum"]).add_(u)
+                u = buf
+            decay = 1.0
+            if wd != 0.0 and mode == "decoupled_lr_scaled":
+                decay = 1.0 - lr * wd
+            elif wd != 0.0 and mode == "decoupled_unscaled":
+                decay = 1.0 - wd
+            self._apply(pl, u, lr, decay)
+        astate["window_count"] += 1
+
+    @staticmethod
+    def _apply(param: torch.Tensor, update: torch.Tensor, lr: float, decay: float) -> None:
+        """``param <- param * decay - lr * update`` in fp32, one rounding to the param dtype."""
+        upd = update.view(param.shape)
+        if param.dtype == torch.float32:
+            if decay != 1.0:
+                param.mul_(decay)
+            param.sub_(upd, alpha=lr)
+            return
+        new = param.float()
+        if decay != 1.0:
+            new.mul_(decay)
+        new.sub_(upd, alpha=lr)
+        param.copy_(new)

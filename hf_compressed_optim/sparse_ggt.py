@@ -1,0 +1,69 @@
+"""Sparse GGT (EFCP): full-matrix AdaGrad restricted to a window of error-fed, compressed
+gradients.
+
+Update for the compressed accumulator ``x = c_t`` (EFCP spec section 6):
+
+    u = (eps I + (G^T G)^(1/2))^-1 x        (G: the r x d window, one row per gradient)
+
+computed through the eigen-decomposition of the r x r Gram matrix ``G G^T = V diag(s^2) V^T``
+(fp64, updated one row/column per step): with ``U = G^T V diag(1/s)``,
+
+    u = x / eps + G^T z,   z = -V diag(1 / (eps s (s + eps))) V^T (G x).
+
+Eigenvalues at or below ``max * r * 1e-13`` (rows not yet written, exact duplicates) are dropped;
+their directions are off the window's span, where ``u = x / eps`` anyway. No momentum or decay of
+old rows by default, as the Sparse GGT reference (beta1 = 0, beta2 = 1).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .efcp_optimizer import DEFAULT_TOPK_BLOCK, EFCPOptimizer, common_defaults
+from .validation import check_float
+
+#: relative eigenvalue cut-off of the r x r Gram matrix (times r)
+EIG_RTOL = 1e-13
+
+
+class SparseGGT(EFCPOptimizer):
+    """Sparse GGT with error feedback (Modoranu et al., ICML 2024).
+
+    Args are those of :class:`~hf_compressed_optim.SparseMFAC` except:
+        eps: epsilon > 0 of ``(eps I + (G^T G)^(1/2))^-1``; off the window's span the step is
+            ``lr / eps`` times the compressed gradient. Global (equal in every group).
+        window_size: number of compressed gradients r in the ring, in [1, 8192].
+    There is no normalisation by the window size, so nothing changes while the window fills
+    (unwritten rows are zero and contribute nothing).
+    """
+
+    GLOBAL_HPARAMS = ("window_size", "eps")
+
+    def __init__(self, params, lr=1e-3, eps=1e-5, window_size=100, density=0.01,
+                 weight_decay=0.0, momentum=0.0, compressor="topk", rank=4, ef_bits=32,
+                 value_dtype="bf16", wd_mode="decoupled_lr_scaled",
+                 topk_block_size=DEFAULT_TOPK_BLOCK, quant_block_size=64, seed=0,
+                 nonfinite="skip", *, m=None, k_init=None):
+        if m is not None:
+            window_size = m
+        if k_init is not None:
+            density = k_init
+        defaults = common_defaults(
+            lr=lr, window_size=window_size, density=density, weight_decay=weight_decay,
+            momentum=momentum, compressor=compressor, rank=rank, ef_bits=ef_bits,
+            value_dtype=value_dtype, wd_mode=wd_mode, topk_block_size=topk_block_size,
+            quant_block_size=quant_block_size)
+        defaults["eps"] = check_float("eps", eps, 0.0, lo_open=True)
+        super().__init__(params, defaults, seed=seed, nonfinite=nonfinite)
+
+    def _solve(self, gram, gx, count):
+        eps = self.param_groups[0]["eps"]
+        evals, vecs = torch.linalg.eigh(gram)
+        top = float(evals.max()) if evals.numel() else 0.0
+        keep = evals > max(top, 0.0) * gram.shape[0] * EIG_RTOL
+        if top <= 0.0 or not bool(keep.any()):
+            return 1.0 / eps, torch.zeros_like(gx)
+        s = evals[keep].sqrt()
+        v = vecs[:, keep]
+        z = v @ ((v.T @ gx) / (eps * s * (s + eps)))
+        return 1.0 / eps, z.neg_()
