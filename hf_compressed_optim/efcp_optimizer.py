@@ -20,10 +20,12 @@ nothing enters the window or an error buffer.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from . import efcp_window as W
 from .kernels import MAX_INT16_BLOCK
 from .optimizer_base import CompressedOptimizer, as_float, local_tensor
+from .sharded_state import is_sharded
 from .validation import check_choice, check_float, check_int, check_lr
 
 WD_MODES = ("decoupled_lr_scaled", "decoupled_unscaled", "l2")
@@ -81,13 +83,51 @@ class EFCPOptimizer(CompressedOptimizer):
         super().__init__(params, defaults, nonfinite=nonfinite)
 
     # ------------------------------------------------------------------ hooks
-    def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum of ``tensor`` over data-parallel shards of the parameters (identity for now).
+    def _reduce_group(self):
+        """The process group whose ranks hold the other parts of the parameters, or None.
 
-        The global inner products (the new Gram row, ``G x``) are sums over parameters; when the
-        parameters are sharded (FSDP2) this is the one place that must all-reduce them.
+        ZeRO-1 (``shard_state``): the partition group set by ``ZeroShardedOptimizer``. FSDP2:
+        the mesh dimension that shards the parameters (the default group for several).
         """
+        group = getattr(self, "_partition_group", None)
+        if group is not None:
+            return group
+        for g in self.param_groups:
+            for p in g["params"]:
+                if is_sharded(p):
+                    dims = [i for i, pl in enumerate(p.placements) if pl.is_shard()]
+                    return p.device_mesh.get_group(dims[0]) if len(dims) == 1 else \
+                        dist.group.WORLD
+        return None
+
+    def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum of ``tensor`` over the ranks holding other parts of the parameters.
+
+        The global inner products (the new Gram row, ``G x``: O(m) numbers, never O(d)) are sums
+        over parameters; with sharded parameters (FSDP2) or partitioned state (ZeRO-1) each rank
+        sums its part and this all-reduce completes them, so every rank solves the same m x m
+        problem as one process would.
+        """
+        group = self._reduce_group()
+        if group is not None:
+            dist.all_reduce(tensor, group=group)
         return tensor
+
+    def _all_finite(self, flags: list[bool]) -> bool:
+        """All gradients finite on every rank (a skipped step must be skipped everywhere)."""
+        ok = all(flags)
+        if getattr(self, "_partition_group", None) is not None:
+            t = torch.tensor([int(ok)], dtype=torch.int32, device=self._device())
+            dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self._partition_group)
+            ok = bool(t.item())
+        return ok
+
+    def _device(self) -> torch.device:
+        anchor = self._anchor()
+        return local_tensor(anchor).device if anchor is not None else torch.device("cpu")
+
+    def _init_state(self, state: dict, p: torch.Tensor, group: dict, seed: int = 0) -> None:
+        W.init_param_state(state, p, group, group["window_size"], seed)
 
     def _solve(self, gram: torch.Tensor, gx: torch.Tensor,
                count: int) -> tuple[float, torch.Tensor]:
@@ -114,62 +154,52 @@ class EFCPOptimizer(CompressedOptimizer):
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._run_closure(closure)
         anchor = self._anchor()
         if anchor is None:
             return loss
         self._check_global_hparams()
-        work = []  # (index, group, param, local grad)
-        idle = []  # params with state but no gradient this step
-        index = -1
-        for group in self.param_groups:
-            for p in group["params"]:
-                index += 1
-                if p.grad is None:
-                    if self.state.get(p) and "step" in self.state[p]:
-                        idle.append(p)
-                    continue
-                if callable(getattr(p, "to_local", None)):
-                    raise NotImplementedError(
-                        f"{type(self).__name__} does not support DTensor (FSDP2) parameters yet: "
-                        "the global inner products would need an all-reduce over the shards "
-                        "(EFCPOptimizer._all_reduce); use DDP or a single process")
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients; "
-                                       "use dense gradients (e.g. nn.Embedding(sparse=False))")
-                work.append((index, group, p, local_tensor(p.grad)))
-        if not work:
+        work = self._grad_work()  # (index, group, param, local grad)
+        with_grad = {id(p) for _, _, p, _ in work}
+        # params with state but no gradient this step (they write a zero slice)
+        idle = [p for g in self.param_groups for p in g["params"]
+                if id(p) not in with_grad and self.state.get(p) and "step" in self.state[p]]
+        if not work and self._reduce_group() is None:
             return loss
+        for _, group, p, _ in work:
+            if group["compressor"] == "lowrank" and is_sharded(p):
+                raise NotImplementedError(
+                    f"{type(self).__name__}(compressor='lowrank') does not support sharded "
+                    "DTensor (FSDP2) parameters: a low-rank factor of each rank's rows is not "
+                    "the low-rank factor of the matrix. Use compressor='topk' under FSDP2.")
         astate = self.state[anchor]
         window_size = self.param_groups[0]["window_size"]
         if not W.has_global_state(astate):
             W.init_global_state(astate, window_size, local_tensor(anchor).device)
-        flags = self._finite_flags([w[3] for w in work])
-        if not all(flags):
+        flags = self._finite_flags([w[3] for w in work], [w[2] for w in work])
+        if not self._all_finite(flags):
             astate["nonfinite_skips"] += 1
             bad = [f"param {i} {tuple(p.shape)}" for (i, _, p, _), ok in zip(work, flags)
-                   if not ok]
+                   if not ok] or ["on another rank"]
             self._on_nonfinite([f"all {len(work)} (global preconditioner; non-finite: "
                                 f"{', '.join(bad[:4])})"])
             return loss
         for index, group, p, _ in work:
             state = self.state[p]
             if "step" not in state:
-                W.init_param_state(state, local_tensor(p), group, window_size,
-                                   self.seed * 1_000_003 + index)
+                self._create_state(state, p, group, seed=self.seed * 1_000_003 + index)
         count = int(astate["window_count"])
-        if count == 0 and all(as_float(g["lr"]) == 0.0 for _, g, _, _ in work) and \
+        if count == 0 and work and all(as_float(g["lr"]) == 0.0 for _, g, _, _ in work) and \
                 not bool(torch.stack([g.any() for *_, g in work]).any()):
             # checkpoint template step (torch.distributed.checkpoint steps once with zero
             # gradients and lr=0 to materialise state): state exists now, nothing else changes
             return loss
-        self._update(work, idle, astate, count)
+        views = {id(p): self._local_state(p, self.state[p])
+                 for p in [w[2] for w in work] + idle}  # FSDP2: this rank's part of packed state
+        self._update(work, idle, astate, count, views)
         return loss
 
-    def _update(self, work, idle, astate, count: int) -> None:
+    def _update(self, work, idle, astate, count: int, views: dict) -> None:
         gram = astate["gram"]
         m = gram.shape[0]
         slot = count % m
@@ -179,18 +209,18 @@ class EFCPOptimizer(CompressedOptimizer):
         rows = []
         dots = torch.zeros(nrows, dtype=torch.float64, device=dev)
         for index, group, p, grad in work:
-            state = self.state[p]
+            state = views[id(p)]
             c = W.compress_into_slot(state, grad, slot)
             dots += W.slot_dots(state, slot, c, nrows).to(dev)
             rows.append(c)
         for p in idle:
-            W.clear_slot(self.state[p], slot)
+            W.clear_slot(views[id(p)], slot)
         # 2. query vector x = c (+ wd * theta for the l2 mode): G x
         l2 = torch.zeros(nrows, dtype=torch.float64, device=dev)
         for (index, group, p, grad) in work:
             wd = as_float(group["weight_decay"])
             if group["wd_mode"] == "l2" and wd != 0.0:
-                l2 += wd * W.dense_dots(self.state[p], local_tensor(p).float(), nrows).to(dev)
+                l2 += wd * W.dense_dots(views[id(p)], local_tensor(p).float(), nrows).to(dev)
         both = self._all_reduce(torch.stack((dots, l2)))
         dots, l2 = both[0], both[1]
         W.update_gram_(gram, slot, dots)
@@ -200,7 +230,7 @@ class EFCPOptimizer(CompressedOptimizer):
         coeffs[slot] += s
         # 4. per-parameter update
         for (index, group, p, grad), c in zip(work, rows):
-            state = self.state[p]
+            state = views[id(p)]
             state["step"] += 1
             pl = local_tensor(p)
             if pl.numel() == 0:

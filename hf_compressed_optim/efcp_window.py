@@ -85,9 +85,10 @@ def init_param_state(state: dict, p: torch.Tensor, group: dict, window_size: int
         state["window_indices"] = torch.zeros((window_size, layout.k), dtype=torch.int16,
                                               device=dev)
         state["window_values"] = torch.zeros((window_size, layout.k), dtype=vdtype, device=dev)
-        state["topk_block"] = layout.block
-        state["k_full"] = layout.k_full
-        state["k_tail"] = layout.k_tail
+        # requested block and density, not the per-tensor layout: FSDP2 shards of one parameter
+        # differ in size, so the layout is derived from the local numel when needed
+        state["topk_block"] = group["topk_block_size"]
+        state["density"] = density
     bits = group["ef_bits"]
     if bits == 4:
         q = group["quant_block_size"]
@@ -103,7 +104,7 @@ def init_param_state(state: dict, p: torch.Tensor, group: dict, window_size: int
 
 
 def layout_of(state: dict, numel: int) -> TopKLayout:
-    return TopKLayout(numel, state["topk_block"], state["k_full"], state["k_tail"])
+    return TopKLayout.create(numel, state["topk_block"], state["density"])
 
 
 def load_error(state: dict, numel: int) -> torch.Tensor:

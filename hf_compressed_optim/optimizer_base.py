@@ -46,18 +46,19 @@ class CompressedOptimizer(torch.optim.Optimizer):
         """Fill ``state`` for the (local) tensor ``p``. Must also work on a meta tensor."""
         raise NotImplementedError
 
-    def _create_state(self, state: dict, p: torch.Tensor, group: dict) -> None:
+    def _create_state(self, state: dict, p: torch.Tensor, group: dict, **init_kwargs) -> None:
         """``_init_state`` on p's local tensor; for a sharded DTensor p (FSDP2) every state tensor
         with dimensions is then packed as a DTensor (see :mod:`.sharded_state`) so distributed
         checkpoints see each rank's state."""
         local = local_tensor(p)
-        self._init_state(state, local, group)
+        self._init_state(state, local, group, **init_kwargs)
         if not is_sharded(p):
             return
         capacity: dict[str, tuple[int, torch.dtype]] = {}
         for shape in possible_local_shapes(p):
             probe: dict = {}
-            self._init_state(probe, torch.empty(shape, dtype=local.dtype, device="meta"), group)
+            self._init_state(probe, torch.empty(shape, dtype=local.dtype, device="meta"), group,
+                             **init_kwargs)
             for key, value in probe.items():
                 if torch.is_tensor(value) and value.dim() > 0:
                     nbytes = max(capacity.get(key, (0,))[0], value.numel() * value.itemsize)

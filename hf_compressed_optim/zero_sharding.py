@@ -14,7 +14,9 @@ ZeroRedundancyOptimizer` with the changes our optimizers and the Trainer need:
 
 With ``stochastic_rounding`` the rounding seeds depend on a parameter's position in its optimizer,
 which differs once the parameters are partitioned: sharded and unsharded runs then agree in
-distribution, not bit for bit (without it they agree exactly).
+distribution, not bit for bit (without it they agree exactly). EFCP's global inner products are
+summed over the ranks' partitions (the local optimizer learns the group as ``_partition_group``),
+so its preconditioner is the unsharded one.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ class ZeroShardedOptimizer(ZeroRedundancyOptimizer):
     def __init__(self, params, optimizer_class, process_group=None, **defaults):
         super().__init__(params, optimizer_class=optimizer_class, process_group=process_group,
                          **defaults)
+        # optimizers with global quantities (EFCP's inner products) sum them over this group
+        self.optim._partition_group = self.process_group
         self._steps_taken = 0
         self._loaded_state = False
         self._consolidated_at: int | None = None

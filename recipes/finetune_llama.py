@@ -256,3 +256,8 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # an orderly shutdown: exiting with a live gloo/NCCL process group can abort
+        # ("terminate called without an active exception") while threads are torn down
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

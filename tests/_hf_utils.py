@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import pathlib
+
 import torch
 
 from hf_compressed_optim.memory import unwrap_optimizer as inner_optimizer  # noqa: F401
@@ -74,5 +77,20 @@ def state_dtype_errors(optimizer) -> list[str]:
     return errors
 
 
+def mean(xs) -> float:
+    return sum(xs) / len(xs)
+
+
 def losses(trainer) -> list[float]:
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+RECIPES = pathlib.Path(__file__).resolve().parents[1] / "recipes"
+
+
+def load_recipe(name: str):
+    """Import ``recipes/<name>.py`` as a module (recipes are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"_recipe_{name}", RECIPES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

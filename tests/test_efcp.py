@@ -502,12 +502,19 @@ def test_cuda_steps_match_cpu(cuda_device, cls):
     assert o_gpu.state[gpu[0]]["gram"].device.type == "cuda"
 
 
-def test_dtensor_parameters_are_refused(monkeypatch):
-    class FakeDTensor(torch.nn.Parameter):
+def test_lowrank_compressor_refuses_sharded_dtensor_parameters():
+    """FSDP2 row shards have no low-rank factor of the whole matrix: a clear error, not a wrong
+    preconditioner (top-k works on shards: tests/test_fsdp2.py)."""
+    from torch.distributed.tensor import Shard
+
+    class FakeShardedDTensor(torch.nn.Parameter):
+        placements = (Shard(0),)
+        device_mesh = None
+
         def to_local(self):
             return self.data
 
-    p = FakeDTensor(torch.randn(4))
-    p.grad = torch.randn(4)
-    with pytest.raises(NotImplementedError, match="DTensor"):
-        SparseMFAC([p]).step()
+    p = FakeShardedDTensor(torch.randn(4, 3))
+    p.grad = torch.randn(4, 3)
+    with pytest.raises(NotImplementedError, match="lowrank"):
+        SparseMFAC([p], compressor="lowrank").step()

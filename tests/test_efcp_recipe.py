@@ -1,23 +1,14 @@
 """Smoke test of recipes/benchmark_efcp.py at toy sizes (all three sections, JSON, markdown)."""
 
-import importlib.util
 import json
-import pathlib
 
 import torch
 
-RECIPES = pathlib.Path(__file__).resolve().parents[1] / "recipes"
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"_recipe_{name}", RECIPES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from _hf_utils import load_recipe
 
 
 def test_benchmark_efcp_quick(tmp_path, capsys, one_torch_thread):
-    bench = _load("benchmark_efcp")
+    bench = load_recipe("benchmark_efcp")
     out_json, png = tmp_path / "efcp.json", tmp_path / "efcp.png"
     res = bench.main(["--quick", "--json", str(out_json), "--plot", str(png), "--markdown"])
     text = capsys.readouterr().out

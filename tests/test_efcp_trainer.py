@@ -12,14 +12,14 @@ import hf_compressed_optim as hco
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 from accelerate import Accelerator  # noqa: E402
-from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 from transformers import Trainer  # noqa: E402
 
 from _hf_utils import (  # noqa: E402
+    mean,
     inner_optimizer, lm_dataset, losses, tiny_llama, token_ids, training_args,
 )
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "fresh_accelerate_state")
 
 # global (anchor) tensors and per-parameter tensors with their dtypes
 ANCHOR_DTYPES = {"gram": torch.float64, "window_count": torch.int64}
@@ -29,19 +29,6 @@ PARAM_DTYPES = {"step": torch.int64, "window_indices": torch.int16,
 MFAC = dict(optim="efcp_mfac", optim_args="window_size=8,density=0.05,damp=1e-4",
             learning_rate=0.1)
 GGT = dict(optim="efcp_ggt", optim_args="window_size=8,density=0.05,eps=1e-4", learning_rate=1.0)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
-def _mean(xs):
-    return sum(xs) / len(xs)
 
 
 def dtype_errors(optimizer, param_dtypes=PARAM_DTYPES) -> list[str]:
@@ -92,7 +79,7 @@ def test_full_finetune_loss_falls_and_memory_metrics(tmp_path, cfg):
     trainer.train()
     loss = losses(trainer)
     assert len(loss) == 25 and all(torch.isfinite(torch.tensor(loss)))
-    assert _mean(loss[-5:]) < _mean(loss[:5]) - 0.1, loss
+    assert mean(loss[-5:]) < mean(loss[:5]) - 0.1, loss
 
     opt = inner_optimizer(trainer.optimizer)
     assert dtype_errors(opt) == []
@@ -120,7 +107,7 @@ def test_lora_loss_falls_and_state(tmp_path):
     trainer = Trainer(model=model, args=args, train_dataset=lm_dataset(64))
     trainer.train()
     loss = losses(trainer)
-    assert _mean(loss[-5:]) < _mean(loss[:5]) - 0.05, loss
+    assert mean(loss[-5:]) < mean(loss[:5]) - 0.05, loss
     opt = inner_optimizer(trainer.optimizer)
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert [len(g["params"]) for g in opt.param_groups] == [28, 0]
@@ -176,9 +163,3 @@ def test_accelerate_prepare_after_state_exists(dtype):
     prepared.step()
     assert dtype_errors(prepared) == []
     assert all(p.dtype == dtype for p in model.parameters())
-
-
-def test_shard_state_is_refused_with_a_clear_error(tmp_path):
-    args = training_args(tmp_path, optim="efcp_ggt", optim_args="shard_state=true,eps=1e-3")
-    with pytest.raises(ValueError, match="'shard_state' is not supported by 'efcp_ggt'"):
-        hco.optimizer_cls_and_kwargs("efcp_ggt", args)

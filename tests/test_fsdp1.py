@@ -28,6 +28,9 @@ def test_fsdp1_vector_method_trains_and_shampoo_refuses(tmp_path):
     assert [0] in orig["shapes"]      # size-0 views of the original parameters
     for r in (flat, orig):
         assert r["last"] < 0.5 * r["first"]
+    res = run_worker(tmp_path, "efcp_mfac")  # EFCP's window works on flat partitions too
+    for key in ("orig=False", "orig=True"):
+        assert res[key]["last"] < res[key]["first"]
     res = run_worker(tmp_path, "shampoo_4bit")
     for key in ("orig=False", "orig=True"):
         msg = res[key]["error"]

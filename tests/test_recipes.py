@@ -1,21 +1,12 @@
 """Smoke tests of the recipes: the main fine-tuning job and the benchmark, at toy sizes."""
 
-import importlib.util
 import json
 import math
-import pathlib
 
 import pytest
 import torch
 
-RECIPES = pathlib.Path(__file__).resolve().parents[1] / "recipes"
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"_recipe_{name}", RECIPES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from _hf_utils import RECIPES, load_recipe
 
 
 @pytest.fixture
@@ -32,7 +23,7 @@ TINY = ["--hidden_size", "32", "--intermediate_size", "64", "--num_hidden_layers
 
 
 def test_finetune_llama_runs_with_optim_name(tmp_path, capsys):
-    finetune = _load("finetune_llama")
+    finetune = load_recipe("finetune_llama")
     res = finetune.main(TINY + ["--max_steps", "12", "--learning_rate", "3e-2",
                                 "--output_dir", str(tmp_path)])
     out = capsys.readouterr().out
@@ -47,7 +38,7 @@ def test_finetune_llama_runs_with_optim_name(tmp_path, capsys):
 
 
 def test_finetune_llama_lora_baseline(tmp_path):
-    finetune = _load("finetune_llama")
+    finetune = load_recipe("finetune_llama")
     res = finetune.main(TINY + ["--max_steps", "2", "--lora", "--optim", "adamw_torch",
                                 "--output_dir", str(tmp_path)])
     assert res["optimizer_class"] == "AdamW"
@@ -57,7 +48,7 @@ def test_finetune_llama_lora_baseline(tmp_path):
 
 
 def test_benchmark_quick(tmp_path, keep_threads):
-    bench = _load("benchmark_microadam")
+    bench = load_recipe("benchmark_microadam")
     out = tmp_path / "bench.json"
     res = bench.main(["--quick", "--no-peers", "--json", str(out)])
     saved = json.loads(out.read_text())

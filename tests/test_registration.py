@@ -98,10 +98,13 @@ def test_register_twice_is_harmless():
     names_before = list(OptimizerNames._member_names_)
     handler_before = trainer_optimizer._OPTIMIZER_HANDLERS[OptimizerNames.MICROADAM]
     original_static = Trainer.__dict__["get_optimizer_cls_and_kwargs"]
+    expected = [OptimizerNames(name) for name in hco_tf.HANDLERS]
+    assert [m.value for m in expected] == ["microadam", "shampoo_4bit", "shampoo_32bit",
+                                           "efcp_mfac", "efcp", "efcp_ggt"]
     for _ in range(2):
         members = hco.register()
-        assert members == [OptimizerNames.MICROADAM]
-        assert members[0] is OptimizerNames.MICROADAM
+        assert members == expected
+        assert all(a is b for a, b in zip(members, expected))
     assert OptimizerNames._member_names_ == names_before
     assert OptimizerNames._member_names_.count("MICROADAM") == 1
     assert trainer_optimizer._OPTIMIZER_HANDLERS[OptimizerNames.MICROADAM] is handler_before
@@ -519,7 +522,8 @@ def test_add_optimizer_registry(monkeypatch):
     Names = _fresh_enum()
     table = {}
     hco_tf.register_into(Names, table, None)
-    assert set(table) == {Names.MICROADAM, Names.TOY_SGD}
+    assert set(table) == {Names(name) for name in hco_tf.HANDLERS}
+    assert Names.TOY_SGD in table and Names.MICROADAM in table
     assert table[Names.TOY_SGD](hco_tf.make_context(_Args("toy_sgd"))) == \
         (torch.optim.SGD, {"lr": 1e-3})
     with pytest.raises(ValueError, match="schema"):

@@ -12,27 +12,15 @@ import hf_compressed_optim as hco
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 from accelerate import Accelerator  # noqa: E402
-from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 from transformers import Trainer  # noqa: E402
 
-from _hf_utils import inner_optimizer, lm_dataset, losses, tiny_llama, token_ids, training_args  # noqa: E402,E501
+from _hf_utils import (  # noqa: E402
+    inner_optimizer, lm_dataset, losses, mean, tiny_llama, token_ids, training_args,
+)
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "fresh_accelerate_state")
 
 FAST = "T1=2,T2=4"  # short runs: refresh statistics every 2 and roots every 4 steps
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
-def _mean(xs):
-    return sum(xs) / len(xs)
 
 
 def _dtypes(opt):
@@ -49,7 +37,7 @@ def test_full_finetune_loss_falls_and_reports_preconditioner_bytes(tmp_path, opt
     trainer.train()
     loss = losses(trainer)
     assert all(torch.isfinite(torch.tensor(loss)))
-    assert _mean(loss[-5:]) < _mean(loss[:5]) - 0.1, loss
+    assert mean(loss[-5:]) < mean(loss[:5]) - 0.1, loss
     opt = inner_optimizer(trainer.optimizer)
     assert isinstance(opt, hco.Shampoo)
     assert opt.param_groups[0]["precond_bits"] == (4 if optim == "shampoo_4bit" else 32)
@@ -76,7 +64,7 @@ def test_lora_loss_falls(tmp_path):
     trainer = Trainer(model=model, args=args, train_dataset=lm_dataset(64))
     trainer.train()
     loss = losses(trainer)
-    assert _mean(loss[-5:]) < _mean(loss[:5]) - 0.05, loss
+    assert mean(loss[-5:]) < mean(loss[:5]) - 0.05, loss
     opt = inner_optimizer(trainer.optimizer)
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert set(opt.state) == set(trainable)

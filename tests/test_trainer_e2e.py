@@ -13,29 +13,16 @@ pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 from accelerate import Accelerator  # noqa: E402
 from accelerate.optimizer import AcceleratedOptimizer  # noqa: E402
-from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 from transformers import Trainer, TrainerCallback  # noqa: E402
 
 from _hf_utils import (  # noqa: E402
+    mean,
     MICROADAM_STATE_DTYPES, inner_optimizer, lm_dataset, losses, state_dtype_errors, tiny_llama,
     token_ids, training_args,
 )
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
-def _mean(xs):
-    return sum(xs) / len(xs)
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "fresh_accelerate_state")
 
 
 class _StateDtypesAtTrainBegin(TrainerCallback):
@@ -64,7 +51,7 @@ def test_full_finetune_loss_falls_and_memory_metrics(tmp_path):
     loss = losses(trainer)
     assert len(loss) == 30
     assert all(torch.isfinite(torch.tensor(loss)))
-    assert _mean(loss[-5:]) < _mean(loss[:5]) - 0.1, loss
+    assert mean(loss[-5:]) < mean(loss[:5]) - 0.1, loss
 
     opt = inner_optimizer(trainer.optimizer)
     assert isinstance(trainer.optimizer, AcceleratedOptimizer)
@@ -105,7 +92,7 @@ def test_lora_loss_falls_and_state_dtypes(tmp_path):
     trainer.train()
 
     loss = losses(trainer)
-    assert _mean(loss[-5:]) < _mean(loss[:5]) - 0.08, loss
+    assert mean(loss[-5:]) < mean(loss[:5]) - 0.08, loss
 
     opt = inner_optimizer(trainer.optimizer)
     assert type(opt) is hco.MicroAdam
@@ -190,7 +177,7 @@ def test_accelerate_loop_trains_and_keeps_dtypes():
             opt.step()
             opt.zero_grad()
             history.append(loss.item())
-    assert _mean(history[-4:]) < _mean(history[:4]) - 0.1, history
+    assert mean(history[-4:]) < mean(history[:4]) - 0.1, history
     assert state_dtype_errors(opt) == []
     assert all(int(s["step"]) == 20 for s in inner_optimizer(opt).state.values())
 

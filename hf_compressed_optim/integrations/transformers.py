@@ -206,11 +206,6 @@ def _efcp_handler(name: str) -> Handler:
     inner = schema_handler(name)
 
     def handler(ctx):
-        if pop_shard_state(ctx.optim_args)[1]:
-            raise ValueError(
-                f"optim_args key 'shard_state' is not supported by {name!r}: its one global "
-                "preconditioner needs the inner products over all parameters, which a ZeRO-1 "
-                "partition splits across ranks; run plain DDP (every rank holds the full state)")
         return inner(OptimizerContext(args=ctx.args, model=getattr(ctx, "model", None),
                                       optimizer_kwargs=dict(ctx.optimizer_kwargs),
                                       adam_kwargs={}, optim_args=ctx.optim_args))

@@ -10,6 +10,7 @@ Trainer resumes from it and trains to step 6. Rank 0 writes JSON with:
 """
 
 import argparse
+import faulthandler
 import hashlib
 import json
 import os
@@ -55,6 +56,8 @@ def state_tensors(opt):
 
 
 def main():
+    # a hung collective prints every thread's stack and exits instead of blocking the test run
+    faulthandler.dump_traceback_later(float(os.environ.get("HCO_WORKER_TIMEOUT", 240)), exit=True)
     ap = argparse.ArgumentParser()
     ap.add_argument("--optim", required=True)
     ap.add_argument("--optim_args", default=None)
@@ -115,7 +118,11 @@ def main():
         with open(os.path.join(args.out_dir, "result.json"), "w") as f:
             json.dump(res, f)
     dist.barrier()  # no rank exits while another still talks to it
-    dist.destroy_process_group()
+    # exit here: releasing the Trainer / DDP / gloo objects at teardown intermittently hangs
+    # or aborts (torch 2.13, CPU), after every result is written
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

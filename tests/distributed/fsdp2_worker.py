@@ -12,7 +12,10 @@ optimizer's parameters are swapped for the DTensor shards (as accelerate's
 """
 
 import argparse
+import faulthandler
 import json
+import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -43,6 +46,16 @@ def make_optimizer(name, params, density):
                            precond_bits=4 if name == "shampoo_4bit" else 32,
                            stat_update_interval=1, root_update_interval=2, min_quant_size=0,
                            quant_block_size=8, max_order=12)
+    if name == "efcp_mfac":
+        # at density 1 exact storage (no rounding into the error buffer, whose 4-bit buckets
+        # would follow the shards); compressed runs use the 4-bit error buffer
+        exact = density == 1.0
+        return hco.SparseMFAC(params, lr=1e-2, window_size=4, density=density, weight_decay=0.1,
+                              topk_block_size=64, quant_block_size=8,
+                              ef_bits=32 if exact else 4, value_dtype="fp32" if exact else "bf16")
+    if name == "efcp_ggt":
+        return hco.SparseGGT(params, lr=1e-2, window_size=4, density=density, weight_decay=0.1,
+                             topk_block_size=64)
     raise ValueError(name)
 
 
@@ -94,6 +107,8 @@ def _gather(t):
 
 
 def main():
+    # a hung collective prints every thread's stack and exits instead of blocking the test run
+    faulthandler.dump_traceback_later(float(os.environ.get("HCO_WORKER_TIMEOUT", 240)), exit=True)
     ap = argparse.ArgumentParser()
     ap.add_argument("--optim", default="microadam")
     ap.add_argument("--ckpt", required=True)
@@ -191,7 +206,11 @@ def main():
         with open(args.out, "w") as f:
             json.dump(res, f)
     dist.barrier()
-    dist.destroy_process_group()
+    # exit here: releasing the Trainer / DDP / gloo objects at teardown intermittently hangs
+    # or aborts (torch 2.13, CPU), after every result is written
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
