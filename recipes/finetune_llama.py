@@ -77,6 +77,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("run")
     g.add_argument("--output_dir", default="outputs/finetune_llama")
     g.add_argument("--save", action="store_true", help="save the final model and optimizer")
+    g.add_argument("--save_steps", type=int, default=0,
+                   help="write a checkpoint (model, optimizer, scheduler) every N steps; 0: none")
+    g.add_argument("--resume_from_checkpoint", default=None,
+                   help="checkpoint folder to resume from (optimizer state included)")
     g.add_argument("--use_cpu", action="store_true",
                    help="train on CPU (needed for DDP on gloo under torchrun)")
     g.add_argument("--bf16", action="store_true", help="bf16 mixed precision (autocast)")
@@ -158,6 +162,19 @@ def format_memory_report(report: dict, n_trainable: int) -> str:
 
 
 # ------------------------------------------------------------------------------------ main
+@torch.no_grad()
+def param_fingerprint(model) -> list[float]:
+    """(sum, sum of squares) of all parameters in float64: equal fingerprints after a resumed
+    and an uninterrupted run mean the resume continued exactly (FSDP2 shards are gathered)."""
+    total = sq = 0.0
+    for p in model.parameters():
+        t = p.full_tensor() if hasattr(p, "full_tensor") else p
+        t = t.detach().double()
+        total += float(t.sum())
+        sq += float((t * t).sum())
+    return [total, sq]
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     transformers.set_seed(args.seed)
@@ -186,7 +203,8 @@ def main(argv=None) -> dict:
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         logging_steps=args.logging_steps,
         logging_first_step=True,
-        save_strategy="no",
+        save_strategy="steps" if args.save_steps else "no",
+        save_steps=args.save_steps or 500,
         eval_strategy="no",
         report_to=[],
         disable_tqdm=True,
@@ -218,7 +236,7 @@ def main(argv=None) -> dict:
     if main_process:
         print(f"eval loss before: {eval_before:.4f} (uniform over 256 bytes: "
               f"{math.log(offline_corpus.VOCAB_SIZE):.4f})", flush=True)
-    train_out = trainer.train()
+    train_out = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     eval_after = trainer.evaluate()["eval_loss"]
     elapsed = time.perf_counter() - t0
 
@@ -235,6 +253,7 @@ def main(argv=None) -> dict:
         "train_loss_last": printer.history[-1][1] if printer.history else None,
         "train_loss_mean": train_out.training_loss, "loss_history": printer.history,
         "seconds": elapsed, "memory": report,
+        "param_fingerprint": param_fingerprint(model),
     }
     if main_process:
         print(f"eval loss after:  {eval_after:.4f}  (before {eval_before:.4f}); "

@@ -25,6 +25,18 @@ def tiny_llama(seed: int = 0, **config_kwargs):
     return LlamaForCausalLM(tiny_llama_config(**config_kwargs))
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_lora_llama(seed: int = 0):
+    """``tiny_llama`` with rank-8 LoRA adapters on every linear layer (needs peft)."""
+    import peft
+
+    return peft.get_peft_model(tiny_llama(seed=seed), peft.LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
+        target_modules=LORA_TARGETS))
+
+
 def token_ids(n: int = 64, length: int = 16, seed: int = 0) -> list[list[int]]:
     """Learnable sequences: arithmetic progressions mod 256 with a few strides."""
     g = torch.Generator().manual_seed(seed)

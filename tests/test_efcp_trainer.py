@@ -15,6 +15,7 @@ from accelerate import Accelerator  # noqa: E402
 from transformers import Trainer  # noqa: E402
 
 from _hf_utils import (  # noqa: E402
+    tiny_lora_llama,
     mean,
     inner_optimizer, lm_dataset, losses, tiny_llama, token_ids, training_args,
 )
@@ -95,11 +96,8 @@ def test_full_finetune_loss_falls_and_memory_metrics(tmp_path, cfg):
 
 
 def test_lora_loss_falls_and_state(tmp_path):
-    peft = pytest.importorskip("peft")
-    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(
-        r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                        "down_proj"]))
+    pytest.importorskip("peft")
+    model = tiny_lora_llama()
     # LoRA's gradients are small, so M-FAC's Newton-like steps (~ m / |c|) are large: small lr
     args = training_args(tmp_path, max_steps=40, **{**MFAC, "learning_rate": 0.03,
                                                     "optim_args": "window_size=8,density=0.2,"

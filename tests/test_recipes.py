@@ -76,3 +76,15 @@ def test_finetune_llama_under_torchrun(tmp_path):
     res = json.loads((tmp_path / "finetune_results.json").read_text())
     assert res["world_size"] == 2 and res["optimizer_class"] == "MicroAdam"
     assert res["eval_loss_after"] < res["eval_loss_before"]
+
+
+def test_finetune_llama_resume_from_checkpoint_is_exact(tmp_path):
+    """--save_steps / --resume_from_checkpoint (the flags the multi-GPU recipes use)."""
+    finetune = load_recipe("finetune_llama")
+    common = TINY + ["--max_steps", "6", "--learning_rate", "3e-2", "--lr_scheduler_type",
+                     "constant", "--max_eval_blocks", "4"]
+    full = finetune.main(common + ["--save_steps", "3", "--output_dir", str(tmp_path / "a")])
+    resumed = finetune.main(common + ["--resume_from_checkpoint",
+                                      str(tmp_path / "a" / "checkpoint-3"),
+                                      "--output_dir", str(tmp_path / "b")])
+    assert resumed["param_fingerprint"] == full["param_fingerprint"]

@@ -15,6 +15,7 @@ from accelerate import Accelerator  # noqa: E402
 from transformers import Trainer  # noqa: E402
 
 from _hf_utils import (  # noqa: E402
+    tiny_lora_llama,
     inner_optimizer, lm_dataset, losses, mean, tiny_llama, token_ids, training_args,
 )
 
@@ -54,11 +55,8 @@ def test_full_finetune_loss_falls_and_reports_preconditioner_bytes(tmp_path, opt
 
 
 def test_lora_loss_falls(tmp_path):
-    peft = pytest.importorskip("peft")
-    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(
-        r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                        "down_proj"]))
+    pytest.importorskip("peft")
+    model = tiny_lora_llama()
     args = training_args(tmp_path, optim="shampoo_4bit", optim_args=FAST + ",min_quant_size=256",
                          learning_rate=1e-2, max_steps=30)
     trainer = Trainer(model=model, args=args, train_dataset=lm_dataset(64))

@@ -16,6 +16,7 @@ from accelerate.optimizer import AcceleratedOptimizer  # noqa: E402
 from transformers import Trainer, TrainerCallback  # noqa: E402
 
 from _hf_utils import (  # noqa: E402
+    tiny_lora_llama,
     mean,
     MICROADAM_STATE_DTYPES, inner_optimizer, lm_dataset, losses, state_dtype_errors, tiny_llama,
     token_ids, training_args,
@@ -81,11 +82,8 @@ def test_full_finetune_loss_falls_and_memory_metrics(tmp_path):
 
 # ---------------------------------------------------------------------- LoRA
 def test_lora_loss_falls_and_state_dtypes(tmp_path):
-    peft = pytest.importorskip("peft")
-    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(
-        r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                        "down_proj"]))
+    pytest.importorskip("peft")
+    model = tiny_lora_llama()
     args = training_args(tmp_path, optim="microadam", optim_args="density=0.05",
                          learning_rate=1e-2, max_steps=40)
     trainer = Trainer(model=model, args=args, train_dataset=lm_dataset(64))

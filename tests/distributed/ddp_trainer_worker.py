@@ -10,19 +10,19 @@ Trainer resumes from it and trains to step 6. Rank 0 writes JSON with:
 """
 
 import argparse
-import faulthandler
 import hashlib
-import json
 import os
 import sys
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
-import hf_compressed_optim as hco  # noqa: E402,F401  (registers the optim names)
+import hf_compressed_optim  # noqa: E402,F401  (registers the optim names)
 from _hf_utils import lm_dataset, tiny_llama, training_args  # noqa: E402
+from _worker_common import finish, start_watchdog  # noqa: E402
 from hf_compressed_optim.memory import (  # noqa: E402
     optimizer_state_bytes, state_holder, unwrap_optimizer,
 )
@@ -56,8 +56,7 @@ def state_tensors(opt):
 
 
 def main():
-    # a hung collective prints every thread's stack and exits instead of blocking the test run
-    faulthandler.dump_traceback_later(float(os.environ.get("HCO_WORKER_TIMEOUT", 240)), exit=True)
+    start_watchdog()
     ap = argparse.ArgumentParser()
     ap.add_argument("--optim", required=True)
     ap.add_argument("--optim_args", default=None)
@@ -114,15 +113,7 @@ def main():
         res["unsharded_state_bytes_per_rank"] = _gather_ints(
             optimizer_state_bytes(plain.optimizer)["total"])
         res["sharded_class"] = type(find_zero_optimizer(full.optimizer)).__name__
-    if dist.get_rank() == 0:
-        with open(os.path.join(args.out_dir, "result.json"), "w") as f:
-            json.dump(res, f)
-    dist.barrier()  # no rank exits while another still talks to it
-    # exit here: releasing the Trainer / DDP / gloo objects at teardown intermittently hangs
-    # or aborts (torch 2.13, CPU), after every result is written
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    finish(res, os.path.join(args.out_dir, "result.json"))
 
 
 if __name__ == "__main__":

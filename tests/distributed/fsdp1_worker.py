@@ -5,8 +5,6 @@ Shampoo refuses with an explanation. Rank 0 writes JSON to ``--out``.
 """
 
 import argparse
-import faulthandler
-import json
 import os
 import sys
 
@@ -14,6 +12,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _worker_common import finish, start_watchdog  # noqa: E402
 import hf_compressed_optim as hco
 
 
@@ -30,8 +31,7 @@ def make(name, params):
 
 
 def main():
-    # a hung collective prints every thread's stack and exits instead of blocking the test run
-    faulthandler.dump_traceback_later(float(os.environ.get("HCO_WORKER_TIMEOUT", 240)), exit=True)
+    start_watchdog()
     ap = argparse.ArgumentParser()
     ap.add_argument("--optim", required=True)
     ap.add_argument("--out", required=True)
@@ -58,15 +58,7 @@ def main():
                                    "shapes": [list(p.shape) for p in model.parameters()]}
         except RuntimeError as err:
             res[f"orig={orig}"] = {"error": str(err)}
-    if dist.get_rank() == 0:
-        with open(args.out, "w") as f:
-            json.dump(res, f)
-    dist.barrier()
-    # exit here: releasing the Trainer / DDP / gloo objects at teardown intermittently hangs
-    # or aborts (torch 2.13, CPU), after every result is written
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    finish(res, args.out)
 
 
 if __name__ == "__main__":

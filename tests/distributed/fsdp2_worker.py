@@ -12,8 +12,6 @@ optimizer's parameters are swapped for the DTensor shards (as accelerate's
 """
 
 import argparse
-import faulthandler
-import json
 import os
 import sys
 
@@ -26,6 +24,9 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _worker_common import finish, start_watchdog  # noqa: E402
 import hf_compressed_optim as hco
 
 
@@ -107,8 +108,7 @@ def _gather(t):
 
 
 def main():
-    # a hung collective prints every thread's stack and exits instead of blocking the test run
-    faulthandler.dump_traceback_later(float(os.environ.get("HCO_WORKER_TIMEOUT", 240)), exit=True)
+    start_watchdog()
     ap = argparse.ArgumentParser()
     ap.add_argument("--optim", default="microadam")
     ap.add_argument("--ckpt", required=True)
@@ -202,15 +202,7 @@ def main():
     res["mixed_precision"] = {"first": losses[0], "last": losses[-1],
                               "param_dtypes": sorted({str(p.dtype) for p in model3.parameters()})}
     res["skipped_param_unchanged_per_rank"] = [int(v) for v in _gather(unchanged)]
-    if rank == 0:
-        with open(args.out, "w") as f:
-            json.dump(res, f)
-    dist.barrier()
-    # exit here: releasing the Trainer / DDP / gloo objects at teardown intermittently hangs
-    # or aborts (torch 2.13, CPU), after every result is written
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    finish(res, args.out)
 
 
 if __name__ == "__main__":
