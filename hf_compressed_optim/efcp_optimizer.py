@@ -189,10 +189,7 @@ class EFCPOptimizer(CompressedOptimizer):
             if "step" not in state:
                 self._create_state(state, p, group, seed=self.seed * 1_000_003 + index)
         count = int(astate["window_count"])
-        if count == 0 and work and all(as_float(g["lr"]) == 0.0 for _, g, _, _ in work) and \
-                not bool(torch.stack([g.any() for *_, g in work]).any()):
-            # checkpoint template step (torch.distributed.checkpoint steps once with zero
-            # gradients and lr=0 to materialise state): state exists now, nothing else changes
+        if count == 0 and self._is_template_step((g, grad) for _, g, _, grad in work):
             return loss
         views = {id(p): self._local_state(p, self.state[p])
                  for p in [w[2] for w in work] + idle}  # FSDP2: this rank's part of packed state

@@ -147,11 +147,9 @@ class MicroAdam(CompressedOptimizer):
 
     def _update(self, index, group, p, grad, state, fresh) -> None:
         pl = local_tensor(p)
-        lr = as_float(group["lr"])
-        if fresh and lr == 0.0 and not bool(grad.any()):
-            # checkpoint template step (torch.distributed.checkpoint runs one with zero gradients
-            # and lr=0 to materialise state): create the state, change nothing else
+        if fresh and self._is_template_step([(group, grad)]):
             return
+        lr = as_float(group["lr"])
         t = int(state["step"]) + 1
         state["step"].fill_(t)
         n = pl.numel()

@@ -13,6 +13,7 @@ import warnings
 from itertools import chain
 
 import torch
+import torch.distributed as dist
 
 from .sharded_state import is_sharded, local_view, pack, possible_local_shapes
 from .validation import check_choice
@@ -142,6 +143,15 @@ class CompressedOptimizer(torch.optim.Optimizer):
                 work.append((index, group, p, local_tensor(p.grad)))
         return work
 
+    @staticmethod
+    def _is_template_step(pairs) -> bool:
+        """True for the step ``torch.distributed.checkpoint`` runs to materialise state (lr=0 and
+        zero gradients for every ``(group, grad)`` pair): it must create state and change nothing
+        else. The lr test comes first, so ordinary steps cost no host sync."""
+        pairs = list(pairs)
+        return bool(pairs) and all(as_float(g["lr"]) == 0.0 for g, _ in pairs) and \
+            not any(bool(grad.any()) for _, grad in pairs)
+
     # -------------------------------------------------------------- non-finite gradients
     def _finite_flags(self, grads: list[torch.Tensor], params: list[torch.Tensor] | None = None
                       ) -> list[bool]:
@@ -153,28 +163,19 @@ class CompressedOptimizer(torch.optim.Optimizer):
         """
         if not grads:
             return []
-        if params is not None and any(is_sharded(p) for p in params):
-            return self._global_finite_flags(grads)
+        device = grads[0].device
         by_device: dict[torch.device, list[int]] = {}
         for i, g in enumerate(grads):
             by_device.setdefault(g.device, []).append(i)
-        flags = [True] * len(grads)
-        for idx in by_device.values():
+        ok = torch.empty(len(grads), dtype=torch.int32, device=device)
+        for dev, idx in by_device.items():
             # min and max propagate NaN and expose inf: one cheap reduction, no temporary
             stats = torch.stack([torch.stack(torch.aminmax(grads[i])).float() if grads[i].numel()
-                                 else torch.zeros(2, device=grads[i].device) for i in idx])
-            for i, ok in zip(idx, torch.isfinite(stats).all(dim=1).tolist()):
-                flags[i] = bool(ok)
-        return flags
-
-    def _global_finite_flags(self, grads: list[torch.Tensor]) -> list[bool]:
-        import torch.distributed as dist
-
-        device = grads[0].device
-        ok = torch.stack([torch.isfinite(g).all() if g.numel() else
-                          torch.ones((), dtype=torch.bool, device=g.device)
-                          for g in grads]).to(device=device, dtype=torch.int32)
-        if dist.is_available() and dist.is_initialized():
+                                 else torch.zeros(2, device=dev) for i in idx])
+            ok[torch.tensor(idx, device=device)] = \
+                torch.isfinite(stats).all(dim=1).to(device=device, dtype=torch.int32)
+        if params is not None and any(is_sharded(p) for p in params) and dist.is_available() \
+                and dist.is_initialized():
             dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         return [bool(v) for v in ok.tolist()]
 

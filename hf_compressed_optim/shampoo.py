@@ -245,8 +245,8 @@ class Shampoo(CompressedOptimizer):
                 state["nonfinite_skips"] += 1
                 skipped.append(f"param {index} {tuple(p.shape)}")
                 continue
-            if fresh and as_float(group["lr"]) == 0.0 and not bool(grad.any()):
-                continue  # checkpoint template step: create the state, change nothing else
+            if fresh and self._is_template_step([(group, grad)]):
+                continue
             t = int(state["step"]) + 1
             state["step"].fill_(t)
             if pl.numel() == 0:

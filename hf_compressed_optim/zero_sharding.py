@@ -28,6 +28,8 @@ import torch.distributed as dist
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from transformers import TrainerCallback
 
+from .memory import unwrap_optimizer
+
 __all__ = ["ZeroShardedOptimizer", "sharded", "ConsolidateOnSaveCallback",
            "install_default_callback", "find_zero_optimizer"]
 
@@ -43,10 +45,6 @@ class ZeroShardedOptimizer(ZeroRedundancyOptimizer):
         self._steps_taken = 0
         self._loaded_state = False
         self._consolidated_at: int | None = None
-
-    @property
-    def STATE_CATEGORIES(self) -> dict:  # noqa: N802  (mirrors the optimizer classes)
-        return getattr(self.optim, "STATE_CATEGORIES", {})
 
     def step(self, closure=None, **kwargs):
         out = super().step(closure=closure, **kwargs)
@@ -97,13 +95,8 @@ def sharded(optimizer_class: type) -> type:
 
 def find_zero_optimizer(optimizer) -> ZeroShardedOptimizer | None:
     """The ZeroShardedOptimizer inside accelerate/Trainer wrappers, if any."""
-    seen = set()
-    while optimizer is not None and id(optimizer) not in seen:
-        if isinstance(optimizer, ZeroShardedOptimizer):
-            return optimizer
-        seen.add(id(optimizer))
-        optimizer = getattr(optimizer, "optimizer", None)
-    return None
+    inner = unwrap_optimizer(optimizer)  # stops at ZeRO: its local optimizer is ``.optim``
+    return inner if isinstance(inner, ZeroShardedOptimizer) else None
 
 
 class ConsolidateOnSaveCallback(TrainerCallback):

@@ -18,13 +18,9 @@ OPTIMIZERS = {
     "shampoo_4bit": lambda ps: hco.Shampoo(ps, lr=1e-2, stat_update_interval=1,
                                            root_update_interval=2, min_quant_size=0,
                                            quant_block_size=8),
+    "efcp_mfac": lambda ps: hco.SparseMFAC(ps, lr=3e-2, window_size=4, density=0.25),
+    "efcp_ggt": lambda ps: hco.SparseGGT(ps, lr=3e-2, window_size=4, density=0.25),
 }
-if hasattr(hco, "SparseMFAC"):
-    OPTIMIZERS["efcp_mfac"] = lambda ps: hco.SparseMFAC(ps, lr=3e-2, window_size=4,
-                                                        density=0.25)
-if hasattr(hco, "SparseGGT"):
-    OPTIMIZERS["efcp_ggt"] = lambda ps: hco.SparseGGT(ps, lr=3e-2, window_size=4,
-                                                      density=0.25)
 
 
 def model_and_data(dtype=torch.float32):

@@ -23,9 +23,9 @@ def make(name, params):
         return hco.MicroAdam(params, lr=1e-2, window_size=3, density=0.25, topk_block_size=64)
     if name == "shampoo_4bit":
         return hco.Shampoo(params, lr=1e-2)
-    if hasattr(hco, "SparseMFAC") and name == "efcp_mfac":
+    if name == "efcp_mfac":
         return hco.SparseMFAC(params, lr=3e-2, window_size=4, density=0.25)
-    if hasattr(hco, "SparseGGT") and name == "efcp_ggt":
+    if name == "efcp_ggt":
         return hco.SparseGGT(params, lr=3e-2, window_size=4, density=0.25)
     raise ValueError(name)
 
