@@ -55,6 +55,10 @@ from hf_compressed_optim import kernels as K
 from hf_compressed_optim.kernels import TopKLayout
 from hf_compressed_optim.kernels import reference as ref
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks"))
+from process_memory import reset_peak, rss_bytes, vm_hwm  # noqa: E402  (shared with run.py)
+from roster import add_peers_path, peer_versions  # noqa: E402
+
 CHILD_MARKER = "BENCH_CHILD_RESULT "
 
 
@@ -98,23 +102,6 @@ def make_params(shapes, device, seed: int = 0) -> list[torch.nn.Parameter]:
 
 
 # ============================================================================ optimizers
-def add_peers_path(path: str | None) -> None:
-    if path and os.path.isdir(path) and path not in sys.path:
-        sys.path.insert(0, path)
-
-
-def _peer_versions() -> dict[str, str]:
-    out = {}
-    for mod in ("bitsandbytes", "torchao"):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                out[mod] = __import__(mod).__version__
-        except Exception as err:  # not installed, or fails to import on this machine
-            out[mod] = f"unavailable ({type(err).__name__}: {str(err)[:120]})"
-    return out
-
-
 def optimizer_factories(device: torch.device, include_peers: bool,
                         include_compiled_peers: bool) -> dict[str, dict]:
     """name -> {"make": params -> optimizer, "roofline": B/param/step or None, "note": str}."""
@@ -302,32 +289,6 @@ def profile_microadam(params, device, repeats: int, op_table: bool = True) -> di
 
 
 # ============================================================================ (c) Trainer peak
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM to the current resident set (Linux >= 4.0); False where unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def trainer_child(optim: str, model_key: str, steps: int, batch: int, seed: int) -> dict:
     """Runs in a fresh process: train a LLaMA with Trainer(optim=...), report memory peaks."""
     from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
@@ -351,12 +312,12 @@ def trainer_child(optim: str, model_key: str, steps: int, batch: int, seed: int)
     trainer = Trainer(model=model, args=targs, train_dataset=data)
     if use_cuda:
         torch.cuda.reset_peak_memory_stats()
-    reset = _reset_peak_rss()
-    rss_before = _rss_bytes()
+    reset = reset_peak()
+    rss_before = rss_bytes()
     t0 = time.perf_counter()
     out = trainer.train()
     seconds = time.perf_counter() - t0
-    peak = _status_kib("VmHWM")
+    peak = vm_hwm()
     method = ("VmHWM of the process (/proc/self/status), reset just before train()" if reset
               else "VmHWM of the process (/proc/self/status), NOT reset: includes setup")
     if peak is None:  # not Linux: whole-process peak
@@ -574,7 +535,7 @@ def main(argv=None) -> dict:
     n = sum(p.numel() for p in params)
     res = dict(date=datetime.date.today().isoformat(), command=" ".join([sys.executable] +
                sys.argv), device=str(device), machine=machine_info(),
-               peers=_peer_versions() if not args.no_peers else "skipped (--no-peers)",
+               peers=peer_versions() if not args.no_peers else "skipped (--no-peers)",
                param_set=dict(name=set_name, numel=n, tensors=len(shapes),
                               config=PARAM_SETS[set_name]),
                warmup=args.warmup, repeats=repeats, load_average_start=os.getloadavg())
