@@ -11,6 +11,13 @@ import math
 import os
 
 OURS = ("microadam", "efcp_mfac", "efcp_ggt", "shampoo_4bit", "shampoo_32bit")
+TASK_ORDER = ("text", "finetune", "digits")
+
+
+def tasks_in(res: dict) -> list[str]:
+    """The convergence tasks measured, in report order (phases may have been run separately)."""
+    conv = res.get("convergence", {})
+    return [t for t in TASK_ORDER if t in conv] + [t for t in conv if t not in TASK_ORDER]
 
 
 def _mib(b: float) -> str:
@@ -86,8 +93,8 @@ def verdicts(res: dict) -> list[str]:
                 word = "**slower**" if r > 1.1 else ("faster" if r < 0.9 else "as fast")
                 parts.append(f"step {r:.2f}x AdamW's at "
                              f"{_fmt_params(speed['sizes'][largest]['params'])} params ({word})")
-        for task, c in conv.items():
-            opt = c["optimizers"]
+        for task in tasks_in(res):
+            opt = conv[task]["optimizers"]
             if name not in opt or "test_loss" not in opt[name] or "adamw_torch" not in opt:
                 continue
             d = diff_vs(opt, name)
@@ -287,7 +294,7 @@ def markdown(res: dict, images: dict[str, str]) -> str:
         lines += [memory_section(res, images["memory"]), ""]
     if "speed" in res:
         lines += [speed_section(res, images["speed"]), ""]
-    for task in res.get("convergence", {}):
+    for task in tasks_in(res):
         lines += [convergence_section(res, task, images[f"convergence_{task}"]), ""]
     return "\n".join(lines).rstrip() + "\n"
 
@@ -408,7 +415,7 @@ def write_plots(res: dict, out_dir: str) -> dict[str, str]:
     if "speed" in res:
         paths["speed"] = os.path.join(out_dir, "step_time.png")
         plot_speed(res, paths["speed"])
-    for task in res.get("convergence", {}):
+    for task in tasks_in(res):
         paths[f"convergence_{task}"] = os.path.join(out_dir, f"convergence_{task}.png")
         plot_convergence(res, task, paths[f"convergence_{task}"])
     return paths
