@@ -22,14 +22,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
+import sys
 import time
 
 import torch
 
 from hf_compressed_optim import Shampoo, optimizer_state_bytes
 from hf_compressed_optim.shampoo_blocks import param_layout
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks"))
+from convergence import clipped_step  # noqa: E402  (the step every benchmark run takes)
 
 TINYLLAMA_SHAPES = {"q_proj": (2048, 2048), "k_proj": (256, 2048), "v_proj": (256, 2048),
                     "o_proj": (2048, 2048), "gate_proj": (5632, 2048), "up_proj": (5632, 2048),
@@ -133,12 +138,7 @@ def train(kind, lr, args, batches, ev):
     curve, train_losses = [], []
     for step, ids in enumerate(batches, 1):
         loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        train_losses.append(loss.item())
+        train_losses.append(clipped_step(model, loss, opt, sched))
         if step % args.eval_every == 0 or step == len(batches):
             curve.append((step, eval_loss(model, ev)))
     return {"curve": curve, "final_eval": curve[-1][1],

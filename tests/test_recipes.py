@@ -88,3 +88,15 @@ def test_finetune_llama_resume_from_checkpoint_is_exact(tmp_path):
                                       str(tmp_path / "a" / "checkpoint-3"),
                                       "--output_dir", str(tmp_path / "b")])
     assert resumed["param_fingerprint"] == full["param_fingerprint"]
+
+
+def test_benchmark_shampoo_quick_convergence(tmp_path, keep_threads):
+    """The 4-bit Shampoo deep dive runs end to end (it shares its training step with the
+    side-by-side benchmark's convergence phase)."""
+    bench = load_recipe("benchmark_shampoo")
+    out = tmp_path / "shampoo.json"
+    bench.main(["--part", "convergence", "--quick", "--json", str(out)])
+    conv = json.loads(out.read_text())["convergence"]
+    assert math.isfinite(conv["rel_gap_4bit_vs_32bit"])
+    for run in conv["runs"].values():  # every run learned from its first logged step
+        assert run["final_eval"] < run["train"][0]

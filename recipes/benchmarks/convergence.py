@@ -27,6 +27,16 @@ from transformers import get_cosine_schedule_with_warmup
 from roster import Entry
 
 
+def clipped_step(model, loss, opt, sched, max_norm: float = 1.0) -> float:
+    """One training step as every benchmark run takes it: backward, clip, step, schedule."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
 def train_run(task, entry: Entry, lr: float, seed: int, steps: int, eval_every: int,
               model=None) -> dict:
     model = task.model(seed) if model is None else model
@@ -40,12 +50,7 @@ def train_run(task, entry: Entry, lr: float, seed: int, steps: int, eval_every: 
         if not torch.isfinite(loss):
             diverged = True
             break
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        train_losses.append(loss.item())
+        train_losses.append(clipped_step(model, loss, opt, sched))
         if step % eval_every == 0 or step == steps:
             val = task.evaluate(model, "val")["loss"]
             curve.append((step, val))
