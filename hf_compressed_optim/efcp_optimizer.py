@@ -37,8 +37,17 @@ DEFAULT_TOPK_BLOCK = 16384
 
 
 def common_defaults(*, lr, window_size, density, weight_decay, momentum, compressor, rank,
-                    ef_bits, value_dtype, wd_mode, topk_block_size, quant_block_size) -> dict:
-    """Validated hyperparameters both optimizers share (ValueErrors name the argument)."""
+                    ef_bits, value_dtype, wd_mode, topk_block_size, quant_block_size,
+                    m=None, k_init=None) -> dict:
+    """Validated hyperparameters both optimizers share (ValueErrors name the argument).
+
+    ``m`` and ``k_init`` are the reference implementation's names of ``window_size`` and
+    ``density``; given, they win.
+    """
+    if m is not None:
+        window_size = m
+    if k_init is not None:
+        density = k_init
     check_lr(lr)
     if isinstance(ef_bits, bool) or ef_bits not in W.EF_BITS:
         raise ValueError(f"ef_bits must be one of {list(W.EF_BITS)} (32: fp32 error buffer, 16: "

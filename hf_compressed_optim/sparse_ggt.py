@@ -44,15 +44,11 @@ class SparseGGT(EFCPOptimizer):
                  value_dtype="bf16", wd_mode="decoupled_lr_scaled",
                  topk_block_size=DEFAULT_TOPK_BLOCK, quant_block_size=64, seed=0,
                  nonfinite="skip", *, m=None, k_init=None):
-        if m is not None:
-            window_size = m
-        if k_init is not None:
-            density = k_init
         defaults = common_defaults(
             lr=lr, window_size=window_size, density=density, weight_decay=weight_decay,
             momentum=momentum, compressor=compressor, rank=rank, ef_bits=ef_bits,
             value_dtype=value_dtype, wd_mode=wd_mode, topk_block_size=topk_block_size,
-            quant_block_size=quant_block_size)
+            quant_block_size=quant_block_size, m=m, k_init=k_init)
         defaults["eps"] = check_float("eps", eps, 0.0, lo_open=True)
         super().__init__(params, defaults, seed=seed, nonfinite=nonfinite)
 
