@@ -43,6 +43,9 @@ import torch
 
 from hf_compressed_optim import SparseGGT, SparseMFAC, optimizer_state_bytes
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks"))
+from measure import make_params, sync  # noqa: E402  (shared with the side-by-side report)
+
 
 # ============================================================================ parameter sets
 def llama_layer_shapes(hidden, intermediate, heads, kv_heads, parts):
@@ -64,21 +67,6 @@ PARAM_SETS = {
     "quick": llama_layer_shapes(hidden=128, intermediate=352, heads=4, kv_heads=2, parts=[
         "q", "k", "v", "o", "down", "norm"]),
 }
-
-
-def make_params(shapes, device, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    params = []
-    for shape in shapes:
-        p = torch.nn.Parameter((torch.randn(shape, generator=gen) * 0.02).to(device))
-        p.grad = (torch.randn(shape, generator=gen) * 1e-3).to(device)
-        params.append(p)
-    return params
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ============================================================================ (a) memory

@@ -57,6 +57,7 @@ from hf_compressed_optim.kernels import reference as ref
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks"))
 from process_memory import reset_peak, rss_bytes, vm_hwm  # noqa: E402  (shared with run.py)
+from measure import make_params, sync  # noqa: E402
 from roster import add_peers_path, peer_versions  # noqa: E402
 
 CHILD_MARKER = "BENCH_CHILD_RESULT "
@@ -88,17 +89,6 @@ TRAINER_MODELS = {
     "quick": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                   num_attention_heads=2),
 }
-
-
-def make_params(shapes, device, seed: int = 0) -> list[torch.nn.Parameter]:
-    """fp32 parameters with fixed random gradients (LLaMA-like scales)."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    params = []
-    for shape in shapes:
-        p = torch.nn.Parameter((torch.randn(shape, generator=gen) * 0.02).to(device))
-        p.grad = (torch.randn(shape, generator=gen) * 1e-3).to(device)
-        params.append(p)
-    return params
 
 
 # ============================================================================ optimizers
@@ -156,11 +146,6 @@ def roofline_bytes_per_param(kind: str, params, pbytes: int = 4, gbytes: int = 4
         k = sum(TopKLayout.create(p.numel(), 16384, density).k for p in params) / n
         return (gbytes + 0.5 + 4 / q + window * k * 4 + pbytes) + (0.5 + 4 / q + k * 4 + pbytes)
     raise ValueError(kind)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ============================================================================ (a) + (b)

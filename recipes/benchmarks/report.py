@@ -105,9 +105,9 @@ def verdicts(res: dict) -> list[str]:
                 verdict = f"{task}: better than AdamW ({rel}, beyond noise)"
             else:
                 verdict = f"{task}: level with AdamW ({rel}, within noise)"
-            better_peers = [p for p in peers if p in opt and "test_loss" in opt[p]
-                            and diff_vs(opt, name, p)["significant"]
-                            and diff_vs(opt, name, p)["diff"] > 0]
+            vs_peers = {p: diff_vs(opt, name, p) for p in peers
+                        if p in opt and "test_loss" in opt[p]}
+            better_peers = [p for p, dp in vs_peers.items() if dp["significant"] and dp["diff"] > 0]
             if better_peers:
                 verdict += f"; **{task}: loses to {', '.join(better_peers)}**"
             parts.append(verdict)

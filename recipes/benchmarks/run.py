@@ -110,9 +110,8 @@ def versions() -> dict:
         try:
             out[dist] = md.version(dist)
         except md.PackageNotFoundError:
-            mod = {"bitsandbytes": "bitsandbytes", "torchao": "torchao"}.get(dist)
-            if mod and mod in sys.modules:  # imported from --peers-path (no dist metadata)
-                out[dist] = getattr(sys.modules[mod], "__version__", "?")
+            if dist in sys.modules:  # a peer imported from --peers-path (no dist metadata)
+                out[dist] = getattr(sys.modules[dist], "__version__", "?")
     try:
         commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
                                 capture_output=True, text=True, timeout=10).stdout.strip()
@@ -150,8 +149,11 @@ def phase_memory(cfg, roster, device, peers_path, quick, show) -> dict:
     sizes = {}
     bar = progress_bar(len(cfg["memory_sizes"]) * len(roster) + len(roster) + 2,
                        "memory", show)
+    small = cfg["memory_sizes"][0]
     for size in cfg["memory_sizes"]:
         params = measure.params_with_grads(size, device)
+        if size == small:
+            small_params = params
         rows = {}
         for name, entry in roster.items():
             try:
@@ -161,32 +163,13 @@ def phase_memory(cfg, roster, device, peers_path, quick, show) -> dict:
             bar.update(1)
         sizes[size] = dict(params=sum(p.numel() for p in params), optimizers=rows)
     out = dict(sizes=sizes, largest=cfg["memory_sizes"][-1])
-    # EFCP against dense M-FAC at the same window, on the smallest size (dense is 4·m B/param)
-    small = cfg["memory_sizes"][0]
-    params = measure.params_with_grads(small, device)
     ours = sizes[small]["optimizers"].get("efcp_mfac", {})
-    if "by_category" in ours:
+    if "by_category" in ours:  # against dense M-FAC, on the smallest size (dense is 4·m B/param)
         from roster import BUDGET_OVERRIDES
 
-        window = BUDGET_OVERRIDES["efcp_mfac"][0]["window_size"]
-        dense = measure.dense_mfac_reference(params, window)
-        out["efcp_window"] = dict(
-            window=window, params=dense["params"],
-            sparse_window_bytes_per_param=ours["by_category"]["window"],
-            dense_window_bytes_per_param=4.0 * window,  # m fp32 gradients, nothing else
-            measured_dense_window_bytes_per_param=dense["by_category"]["window"],
-            sparse_total_bytes_per_param=ours["bytes_per_param"],
-            ratio=4.0 * window / ours["by_category"]["window"])
-        import hf_compressed_optim as hco
-        from roster import Entry
-
-        big = cfg["efcp_default_window"]
-        default = measure.state_bytes(
-            Entry("efcp_mfac", "ours", lambda ps, lr: hco.SparseMFAC(ps, lr=lr, window_size=big),
-                  ""), params)
-        out["efcp_window"]["default_window"] = dict(
-            window=big, params=default["params"],
-            sparse_window_bytes_per_param=default["by_category"]["window"])
+        out["efcp_window"] = measure.efcp_window_comparison(
+            small_params, ours, BUDGET_OVERRIDES["efcp_mfac"][0]["window_size"],
+            cfg["efcp_default_window"])
     bar.update(2)
     big_rows = sizes[out["largest"]]["optimizers"]
     if "by_category" in big_rows.get("shampoo_4bit", {}) and \
