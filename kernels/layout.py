@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
 
 MAX_INT16_BLOCK = 32768  # largest block whose relative indices (0 .. block-1) fit in int16
 
@@ -53,15 +52,3 @@ class TopKLayout:
     def k(self) -> int:
         """Entries per window row."""
         return self.num_full * self.k_full + self.k_tail
-
-    def column_offsets(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """int64 [k]: absolute start of the block each window column belongs to."""
-        cols = torch.arange(self.k, device=device, dtype=torch.int64)
-        if self.k_full > 0:
-            block_id = torch.clamp(cols // self.k_full, max=self.num_full)
-        else:
-            block_id = torch.zeros_like(cols)
-        # tail columns sit in block ``num_full``
-        block_id = torch.where(cols >= self.num_full * self.k_full,
-                               torch.full_like(cols, self.num_full), block_id)
-        return block_id * self.block

@@ -7,31 +7,12 @@ name here.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from .layout import TopKLayout
 
 _LOW16 = 0xFFFF
 _HIGH16 = -65536  # 0xFFFF0000 as int32
-
-
-# --------------------------------------------------------------------------------------------
-# bf16 directed rounding (keeps the quantizer's [min, max] range a superset of the data)
-# --------------------------------------------------------------------------------------------
-def bf16_floor(x: torch.Tensor) -> torch.Tensor:
-    """Largest bf16 value <= x (x fp32, finite), exact bit manipulation."""
-    bits = x.contiguous().view(torch.int32)
-    trunc = bits & _HIGH16  # toward zero
-    need = (bits < 0) & ((bits & _LOW16) != 0)  # negative with dropped bits: grow magnitude
-    out = torch.where(need, trunc + 0x10000, trunc)
-    return out.view(torch.float32).to(torch.bfloat16)
-
-
-def bf16_ceil(x: torch.Tensor) -> torch.Tensor:
-    """Smallest bf16 value >= x."""
-    return -bf16_floor(-x)
 
 
 # --------------------------------------------------------------------------------------------
@@ -46,9 +27,11 @@ def quantize4(x: torch.Tensor, bucket: int, codes: torch.Tensor, mins: torch.Ten
               maxs: torch.Tensor) -> None:
     """Quantize flat ``x`` into ``codes`` (uint8 [ceil(n/2)]), ``mins``/``maxs`` (bf16 [ceil(n/bucket)]).
 
-    min is rounded down and max up to bf16, so every element lies inside its bucket's range and the
-    round-trip error is at most half a step. code = floor((x - min) / step + 0.5) clamped to
-    [0, 15]; a constant bucket has step 0 and gets code 0 (no 0/0).
+    min and max are rounded to the nearest value of the stats' dtype (bf16: round to nearest
+    even), as the reference stores them: re-quantizing dequantized values is then a fixed point
+    (no drift). An element up to half a bf16 ulp outside the rounded range gets code 0 or 15
+    (clamped). code = floor((x - min) / step + 0.5) clamped to [0, 15]; a constant bucket has
+    step 0 and gets code 0 (no 0/0).
     """
     n = x.numel()
     if n == 0:
@@ -65,8 +48,8 @@ def quantize4(x: torch.Tensor, bucket: int, codes: torch.Tensor, mins: torch.Ten
         torch.amax(xv, dim=1, out=hi[:nf])
     if nf * bucket < n:
         lo[nf], hi[nf] = torch.aminmax(x[nf * bucket:])
-    mins.copy_(bf16_floor(lo))
-    maxs.copy_(bf16_ceil(hi))
+    mins.copy_(lo)
+    maxs.copy_(hi)
     lo32 = mins.float()
     scale = quant_scale(mins, maxs)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # constant bucket: x - lo == 0
@@ -108,10 +91,7 @@ def _select_rows(x: torch.Tensor, k: int) -> torch.Tensor:
     rows, n = x.shape
     if k >= n:
         return torch.arange(n, device=x.device).expand(rows, n)
-    if x.dtype == torch.float32:
-        mag = torch.abs(x, out=_reusable_buffer(x.numel(), x.device, "topk_abs").view(rows, n))
-    else:
-        mag = x.abs()
+    mag = x.abs()
     # the k+1 largest: if the smallest of them is strictly below the k-th, the top-k set is
     # unambiguous (drop that one); otherwise equal magnitudes compete for the last places
     vals, inds = torch.topk(mag, k + 1, dim=1, sorted=False)
@@ -144,14 +124,20 @@ def block_topk(x: torch.Tensor, layout: TopKLayout) -> torch.Tensor:
     return torch.cat(parts).to(torch.int16)
 
 
-@functools.lru_cache(maxsize=64)
-def _column_offsets(layout: TopKLayout, device: torch.device) -> torch.Tensor:
-    return layout.column_offsets(device)
-
-
 def absolute_indices(idx: torch.Tensor, layout: TopKLayout) -> torch.Tensor:
-    """int64 absolute positions of block-relative indices ``idx`` ([..., k])."""
-    return idx.long() + _column_offsets(layout, idx.device)
+    """int64 absolute positions of block-relative indices ``idx`` ([..., k]).
+
+    Computed per call (O(k)) rather than cached: a cached offsets tensor per layout would be
+    memory outside the optimizer's state that the memory report cannot show.
+    """
+    out = idx.long()
+    nf, kf = layout.num_full, layout.k_full
+    if nf and kf:
+        starts = torch.arange(0, nf * layout.block, layout.block, device=idx.device)
+        out[..., : nf * kf].unflatten(-1, (nf, kf)).add_(starts[:, None])
+    if layout.k_tail and nf:
+        out[..., nf * kf:].add_(nf * layout.block)
+    return out
 
 
 def gather_block_values(x: torch.Tensor, idx: torch.Tensor, layout: TopKLayout) -> torch.Tensor:
@@ -234,63 +220,53 @@ def adam_coefficients(step: int, beta1: float, beta2: float) -> tuple[float, flo
 
 def window_adam_update(param: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor,
                        layout: TopKLayout, step: int, beta1: float, beta2: float, eps: float,
-                       lr: float, weight_decay: float, sr_seed: int | None = None) -> None:
+                       lr: float, weight_decay: float, sr_seed: int | None = None,
+                       dense: torch.Tensor | None = None) -> None:
     """Rebuild Adam's moments from the window and update ``param`` in place.
 
     ``m[j] = c1 * sum_r beta1^age_r V[r, j]``, ``v[j] = c2 * sum_r beta2^age_r V[r, j]^2``,
-    ``param <- param * (1 - lr * wd) - lr * m / (sqrt(v) + eps)``, math in fp32, one rounding
-    to the parameter dtype (stochastic for bf16 when ``sr_seed`` is given). The update is zero
-    off the window's indices, so without weight decay only those entries are touched.
+    ``param <- param * (1 - lr * wd) - lr * (m / (sqrt(v) + eps) + dense)``, math in fp32, one
+    rounding to the parameter dtype (stochastic for bf16 when ``sr_seed`` is given). ``dense``
+    (fp32 [numel], consumed) is MicroAdam's ``alpha * Q^-1(e)`` densification term.
+
+    The moments are accumulated only over the distinct positions the window holds (rows in ring
+    order, so sums are in the same order as the Triton kernel's): the temporaries are
+    O(window entries), never O(numel). Without weight decay and ``dense`` only those entries of
+    ``param`` are touched, since the update is zero elsewhere.
     """
     n = param.numel()
     if n == 0:
         return
     window = idx.shape[0]
-    w1 = window_weights(window, step, beta1, param.device)
-    w2 = window_weights(window, step, beta2, param.device)
-    pos = absolute_indices(idx, layout).reshape(-1)
-    v = vals.float().reshape(-1)
-    acc = _reusable_buffer(2 * n, param.device, "window_moments", zeroed=True)  # [m | v], all zeros on entry and on exit
-    m_acc, v_acc = acc[:n], acc[n:]
-    try:
-        m_acc.scatter_add_(0, pos, (w1[:, None] * v.view(window, -1)).reshape(-1))
-        v_acc.scatter_add_(0, pos, (w2[:, None] * v.square().view(window, -1)).reshape(-1))
-        c1, c2 = adam_coefficients(step, beta1, beta2)
-        upd = torch.index_select(m_acc, 0, pos).mul_(c1)
-        upd.div_(torch.index_select(v_acc, 0, pos).mul_(c2).sqrt_().add_(eps))
-    finally:
-        m_acc.index_fill_(0, pos, 0.0)
-        v_acc.index_fill_(0, pos, 0.0)
+    nrows = max(0, min(window, int(step)))  # rows >= step were never written (weight 0)
+    w1 = window_weights(window, step, beta1, param.device)[:nrows, None]
+    w2 = window_weights(window, step, beta2, param.device)[:nrows, None]
+    pos, slot = torch.unique(absolute_indices(idx[:nrows], layout).reshape(-1),
+                             return_inverse=True)
+    v = vals[:nrows].float()
+    m_acc = torch.zeros(pos.numel(), dtype=torch.float32, device=param.device)
+    v_acc = torch.zeros_like(m_acc)
+    m_acc.index_add_(0, slot.view(-1), (w1 * v).view(-1))
+    v_acc.index_add_(0, slot.view(-1), (w2 * v.square()).view(-1))
+    c1, c2 = adam_coefficients(step, beta1, beta2)
+    upd = m_acc.mul_(c1).div_(v_acc.mul_(c2).sqrt_().add_(eps))
     flat = param.view(-1) if param.is_contiguous() else param.reshape(-1).clone()
-    if weight_decay != 0.0:
-        new = flat.to(torch.float32, copy=True).mul_(1.0 - lr * weight_decay)
-        # duplicates in ``pos`` all write the same value
-        new.scatter_(0, pos, torch.index_select(new, 0, pos).sub_(upd, alpha=lr))
+    if weight_decay != 0.0 or dense is not None:
+        if dense is not None:
+            upd = dense.index_add_(0, pos, upd)
+        new = flat.to(torch.float32, copy=True)
+        if weight_decay != 0.0:
+            new.mul_(1.0 - lr * weight_decay)
+        if dense is not None:
+            new.sub_(upd, alpha=lr)
+        else:
+            new.index_copy_(0, pos, torch.index_select(new, 0, pos).sub_(upd, alpha=lr))
         flat.copy_(_round_to(param, new, sr_seed))
     else:
         new = torch.index_select(flat, 0, pos).float().sub_(upd, alpha=lr)
-        flat.scatter_(0, pos, _round_to(param, new, sr_seed, pos))
+        flat.index_copy_(0, pos, _round_to(param, new, sr_seed, pos))
     if flat.data_ptr() != param.data_ptr():
         param.copy_(flat.view(param.shape))
-
-
-_BUFFERS: dict = {}
-
-
-def _reusable_buffer(numel: int, device: torch.device, name: str,
-                     zeroed: bool = False) -> torch.Tensor:
-    """A reusable fp32 buffer per (device, purpose), grown on demand.
-
-    Parameter-sized temporaries would otherwise be mmap-allocated and page-faulted on every call
-    (about 10 ms per 10M elements on CPU). A ``zeroed`` buffer starts all-zero and its callers
-    must leave it all-zero again (restoring zeros only where they wrote keeps the window update
-    O(window entries)).
-    """
-    buf = _BUFFERS.get((device, name))
-    if buf is None or buf.numel() < numel:
-        buf = (torch.zeros if zeroed else torch.empty)(numel, dtype=torch.float32, device=device)
-        _BUFFERS[(device, name)] = buf
-    return buf[:numel]
 
 
 # --------------------------------------------------------------------------------------------

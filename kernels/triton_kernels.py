@@ -80,17 +80,12 @@ def _store_f32(ptr, offs, val, mask, BF16: tl.constexpr):
 
 
 @triton.jit
-def _bf16_floor(x):
-    """Largest bf16 value <= x, as an (exactly representable) fp32 value."""
-    b = x.to(tl.int32, bitcast=True)
-    t = b & -65536
-    need = (b < 0) & ((b & 0xFFFF) != 0)
-    return tl.where(need, t + 0x10000, t).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _bf16_ceil(x):
-    return -_bf16_floor(-x)
+def _round_stat(x, M_BF16: tl.constexpr):
+    """A bucket's min/max as it will be stored: bf16 rounds to nearest even (as the twin's
+    ``copy_``), fp32 is kept. Every later use reads this value, so the codes match it."""
+    if M_BF16:
+        x = (_bf16_rne_bits(x) << 16).to(tl.float32, bitcast=True)
+    return x
 
 
 @triton.jit
@@ -139,8 +134,8 @@ def _quantize4_kernel(x_ptr, codes_ptr, mins_ptr, maxs_ptr, n, bucket, nbq,
                                               tl.where(m1, x1, float("inf"))), axis=1))
         hi = tl.maximum(hi, tl.max(tl.maximum(tl.where(m0, x0, float("-inf")),
                                               tl.where(m1, x1, float("-inf"))), axis=1))
-    lo = _bf16_floor(lo)
-    hi = _bf16_ceil(hi)
+    lo = _round_stat(lo, M_BF16)
+    hi = _round_stat(hi, M_BF16)
     _store_f32(mins_ptr, rows, lo, rmask, M_BF16)
     _store_f32(maxs_ptr, rows, hi, rmask, M_BF16)
     scale = tl.div_rn(hi - lo, 15.0)
@@ -261,11 +256,11 @@ def _sr_noise16(seed32, pos):
 
 
 @triton.jit
-def _window_adam_kernel(p_ptr, idx_ptr, vals_ptr, w1_ptr, w2_ptr, scratch_ptr,
+def _window_adam_kernel(p_ptr, idx_ptr, vals_ptr, w1_ptr, w2_ptr, scratch_ptr, dense_ptr,
                         block, num_full, k_full, tail, k_tail, k, nrows, nblocks,
                         c1, c2, eps, lr, decay, seed,
                         P_BF16: tl.constexpr, V_BF16: tl.constexpr, SR: tl.constexpr,
-                        KCH: tl.constexpr, DCH: tl.constexpr):
+                        HAS_DENSE: tl.constexpr, KCH: tl.constexpr, DCH: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     m_base = scratch_ptr + pid.to(tl.int64) * (2 * block)
@@ -313,6 +308,8 @@ def _window_adam_kernel(p_ptr, idx_ptr, vals_ptr, w1_ptr, w2_ptr, scratch_ptr,
             mm = tl.load(m_base + o, mask=mk, other=0.0)
             vv = tl.load(v_base + o, mask=mk, other=0.0)
             upd = tl.div_rn(mm * c1, tl.sqrt_rn(vv * c2) + eps)
+            if HAS_DENSE:  # MicroAdam's alpha * Q^-1(e), added before the one rounding
+                upd = upd + tl.load(dense_ptr + start + o, mask=mk, other=0.0)
             p = _load_f32(p_ptr, start + o, mk, P_BF16) * decay
             p = tl.fma(upd, -lr, p)  # as PyTorch's param.sub_(upd, alpha=lr)
             if SR:
@@ -411,8 +408,8 @@ def _ef_compress_kernel(g_ptr, codes_ptr, mins_ptr, maxs_ptr, idx_ptr, val_ptr,
                  axis=1)
     qhi = tl.max(tl.maximum(tl.where(me, re, float("-inf")), tl.where(mo, ro, float("-inf"))),
                  axis=1)
-    qlo = _bf16_floor(qlo)
-    qhi = _bf16_ceil(qhi)
+    qlo = _round_stat(qlo, M_BF16)
+    qhi = _round_stat(qhi, M_BF16)
     _store_f32(mins_ptr, qrow, qlo, rr < nbk, M_BF16)
     _store_f32(maxs_ptr, qrow, qhi, rr < nbk, M_BF16)
     qs = tl.div_rn(qhi - qlo, 15.0)
@@ -604,13 +601,14 @@ def _window_programs(device: torch.device, nblocks: int) -> int:
 @_on_device
 def window_adam_update(param: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor,
                        layout: TopKLayout, step: int, beta1: float, beta2: float, eps: float,
-                       lr: float, weight_decay: float, sr_seed: int | None = None) -> None:
+                       lr: float, weight_decay: float, sr_seed: int | None = None,
+                       dense: torch.Tensor | None = None) -> None:
     n = param.numel()
     if n == 0:
         return
     if param.dtype not in _FLOAT_DTYPES:
         return reference.window_adam_update(param, idx, vals, layout, step, beta1, beta2, eps, lr,
-                                            weight_decay, sr_seed)
+                                            weight_decay, sr_seed, dense)
     window = idx.shape[0]
     k = layout.k
     dev = param.device
@@ -634,10 +632,12 @@ def window_adam_update(param: torch.Tensor, idx: torch.Tensor, vals: torch.Tenso
     kmax = max(layout.k_full, layout.k_tail, 1)
     kch = min(max(_np2(kmax), 16), 1024)
     dch = min(max(_np2(layout.block), 16), 2048)
+    dense_f = _flat(dense.float()) if dense is not None else scratch
     _window_adam_kernel[(nprog,)](
-        pf, idx_c, vf, w1, w2, scratch, layout.block, layout.num_full, layout.k_full, layout.tail,
-        layout.k_tail, k, nrows, nblocks, float(c1), float(c2), float(eps), float(lr),
-        float(decay), ((sr_seed ^ (sr_seed >> 32)) & 0xFFFFFFFF) if sr else 0, P_BF16=pbf, V_BF16=vbf, SR=sr, KCH=kch,
+        pf, idx_c, vf, w1, w2, scratch, dense_f, layout.block, layout.num_full, layout.k_full,
+        layout.tail, layout.k_tail, k, nrows, nblocks, float(c1), float(c2), float(eps), float(lr),
+        float(decay), ((sr_seed ^ (sr_seed >> 32)) & 0xFFFFFFFF) if sr else 0, P_BF16=pbf, V_BF16=vbf, SR=sr,
+        HAS_DENSE=dense is not None, KCH=kch,
         DCH=dch, num_warps=4 if dch <= 1024 else 8, num_stages=1, **_LAUNCH)
     op.done()
 

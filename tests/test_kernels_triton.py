@@ -18,6 +18,8 @@ from hf_compressed_optim.kernels import TopKLayout  # noqa: E402
 from hf_compressed_optim.kernels import reference as R  # noqa: E402
 from hf_compressed_optim.kernels import triton_kernels as T  # noqa: E402
 
+from _numerics import bf16_ceil, bf16_floor  # noqa: E402
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SIZES = [1, 7, 63, 65, 1037]
 
@@ -43,7 +45,7 @@ def _qstate(n, bucket, device="cpu", seed=0, random=True):
     lo = -torch.rand(nbq, generator=g)
     hi = torch.rand(nbq, generator=g)
     hi[::5] = lo[::5]  # some constant buckets
-    return (codes.to(device), R.bf16_floor(lo).to(device), R.bf16_ceil(hi).to(device))
+    return (codes.to(device), bf16_floor(lo).to(device), bf16_ceil(hi).to(device))
 
 
 def _clone(ts):
@@ -124,11 +126,10 @@ def test_quantize_nibble_order_and_bounds():
     maxs = torch.zeros(1, dtype=torch.bfloat16)
     T.quantize4(x, 6, codes, mins, maxs)
     assert codes.tolist() == [0x0F, 0xF0, 0x70]  # element 2i in the high nibble, odd n padded
-    # directed rounding: min rounded down and max rounded up to bf16
-    x = torch.tensor([-1.00390625 - 2 ** -12, 1.00390625 + 2 ** -12])
+    # min and max rounded to the nearest bf16 (as the twin's copy_), not outward
+    x = torch.tensor([-1.0 - 2 ** -9, 1.0 + 2 ** -9])
     T.quantize4(x, 2, codes[:1], mins, maxs)
-    assert float(mins) <= float(x[0]) and float(maxs) >= float(x[1])
-    assert float(mins) == float(R.bf16_floor(x[:1])) and float(maxs) == float(R.bf16_ceil(x[1:]))
+    assert float(mins) == -1.0 and float(maxs) == 1.0  # inward here: directed rounding was not
 
 
 def test_quantize_fp32_stats_and_noncontiguous():
@@ -139,12 +140,12 @@ def test_quantize_fp32_stats_and_noncontiguous():
     big = torch.zeros(2, (n + 1) // 2, dtype=torch.uint8)
     stats = torch.zeros(2, nbq, 2, dtype=torch.float32)
     T.quantize4(x, bucket, big[1], stats[0, :, 0], stats[1, :, 1])  # strided outputs
-    b = _qstate(n, bucket, random=False)
-    R.quantize4(x, bucket, *b)
+    b = (torch.zeros((n + 1) // 2, dtype=torch.uint8), torch.zeros(nbq), torch.zeros(nbq))
+    R.quantize4(x, bucket, *b)  # fp32 stats: exact min/max, no bf16 rounding
     assert torch.equal(big[1], b[0]) and int(big[0].sum()) == 0
-    assert torch.equal(stats[0, :, 0], b[1].float()) and torch.equal(stats[1, :, 1], b[2].float())
+    assert torch.equal(stats[0, :, 0], b[1]) and torch.equal(stats[1, :, 1], b[2])
     assert int(stats[0, :, 1].abs().sum()) == 0
-    got = T.dequantize4(big[1], stats[0, :, 0].bfloat16(), stats[1, :, 1].bfloat16(), n, bucket)
+    got = T.dequantize4(big[1], stats[0, :, 0], stats[1, :, 1], n, bucket)
     assert torch.equal(got, R.dequantize4(*b, n, bucket))
 
 
@@ -249,6 +250,26 @@ def test_window_adam_update_matches_twin(n, block, density, window, step, pdtype
     assert not torch.equal(a, p) or n == 1  # something moved
 
 
+@pytest.mark.parametrize("pdtype", DTYPES)
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_window_adam_update_dense_term_matches_twin(pdtype, wd):
+    """MicroAdam's alpha variant: a dense fp32 term added to the update before the rounding."""
+    n, window, step = 1037, 4, 6
+    layout = TopKLayout.create(n, 128, 0.1)
+    idx, vals = _window(layout, window, seed=8)
+    p = _randn(n, pdtype, seed=9)
+    dense = _randn(n, seed=10) * 0.3
+    a, b = p.clone(), p.clone()
+    T.window_adam_update(a, idx, vals, layout, step, 0.9, 0.999, 1e-8, 1e-3, wd, None,
+                         dense.clone())
+    R.window_adam_update(b, idx, vals, layout, step, 0.9, 0.999, 1e-8, 1e-3, wd, None,
+                         dense.clone())
+    _assert_params_close(a, b)
+    c = p.clone()
+    R.window_adam_update(c, idx, vals, layout, step, 0.9, 0.999, 1e-8, 1e-3, wd)
+    assert not torch.equal(a, c)  # the dense term moved every entry
+
+
 def test_window_adam_update_fp32_values_persistent_loop_noncontiguous(monkeypatch):
     n, window, step = 33 * 17, 4, 6
     layout = TopKLayout.create(n, 64, 0.2)
@@ -300,8 +321,8 @@ def test_stochastic_rounding_deterministic_and_unbiased():
     s = torch.stack(outs)
     ulp = _bf16_ulp(exact)
     # every result is one of the two bf16 neighbours of the exact fp32 value
-    lo = R.bf16_floor(exact).float()
-    hi = R.bf16_ceil(exact).float()
+    lo = bf16_floor(exact).float()
+    hi = bf16_ceil(exact).float()
     assert bool(((s == lo) | (s == hi)).all())
     err = (s - exact) / ulp  # in ulps; unbiased: mean ~ 0
     assert abs(float(err.mean())) < 0.02
@@ -490,7 +511,7 @@ def test_gpu_stochastic_rounding(cuda_device):
     T.window_adam_update(a, *args, sr_seed=123)
     T.window_adam_update(b, *args, sr_seed=123)
     assert torch.equal(a, b)
-    lo, hi = R.bf16_floor(exact).float(), R.bf16_ceil(exact).float()
+    lo, hi = bf16_floor(exact).float(), bf16_ceil(exact).float()
     assert bool(((a.float() == lo) | (a.float() == hi)).all())
     assert abs(float(((a.float() - exact) / _bf16_ulp(exact)).mean())) < 0.01
 

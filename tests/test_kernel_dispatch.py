@@ -1,0 +1,79 @@
+"""One kernel-dispatch policy for every op: a forced backend that cannot run raises one clear
+error (op, device, alternative); automatic selection falls back to the PyTorch twins quietly."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import hf_compressed_optim as hco
+from hf_compressed_optim import kernels as K
+
+
+def _optimizers():
+    """One optimizer per kernel family: MicroAdam, EFCP's sparse rows, Shampoo's codebook."""
+    return {
+        "MicroAdam": lambda ps: hco.MicroAdam(ps, lr=1e-3, density=0.1),
+        "SparseMFAC": lambda ps: hco.SparseMFAC(ps, lr=1e-4, window_size=4, density=0.1),
+        "Shampoo": lambda ps: hco.Shampoo(ps, lr=1e-3, stat_update_interval=1,
+                                         root_update_interval=1, min_quant_size=0),
+    }
+
+
+def _step_twice(make):
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(96, 80)), torch.nn.Parameter(torch.randn(33))]
+    opt = make(params)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    return params
+
+
+@pytest.mark.parametrize("name", list(_optimizers()))
+def test_forced_triton_on_cpu_without_interpreter_raises_clear_error(name, monkeypatch):
+    monkeypatch.setenv(K.ENV_VAR, "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # read at dispatch time
+    with pytest.raises(K.KernelBackendError) as info:
+        _step_twice(_optimizers()[name])
+    msg = str(info.value)
+    assert "HCO_KERNEL_BACKEND=triton" in msg and "cpu tensor" in msg
+    assert "TRITON_INTERPRET=1" in msg and "'torch'" in msg
+    assert "the Triton kernel for " in msg  # names the op
+
+
+@pytest.mark.parametrize("name", list(_optimizers()))
+def test_forced_triton_without_triton_raises_and_auto_falls_back_quietly(name, monkeypatch):
+    monkeypatch.setattr(K, "_import_triton_module",
+                        lambda module: (None, "ImportError: No module named 'triton'"))
+    monkeypatch.setenv(K.ENV_VAR, "triton")
+    with pytest.raises(K.KernelBackendError, match="triton could not be imported"):
+        _step_twice(_optimizers()[name])
+    monkeypatch.setenv(K.ENV_VAR, "auto")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        params = _step_twice(_optimizers()[name])
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+def test_each_op_names_itself(monkeypatch):
+    monkeypatch.setenv(K.ENV_VAR, "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    layout = K.TopKLayout.create(100, 64, 0.1)
+    x = torch.randn(100)
+    with pytest.raises(K.KernelBackendError, match="kernel for block_topk "):
+        K.block_topk(x, layout)
+    idx = torch.zeros(2, layout.k, dtype=torch.int16)
+    with pytest.raises(K.KernelBackendError, match="kernel for sparse_rows_dot "):
+        K.sparse_rows_dot(idx, torch.zeros(2, layout.k), layout, x)
+    with pytest.raises(K.KernelBackendError, match="kernel for codebook_quantize_rows "):
+        K.codebook_quantize_rows(torch.eye(8), "linear2", 64)
+
+
+def test_bad_backend_name_is_a_value_error(monkeypatch):
+    monkeypatch.setenv(K.ENV_VAR, "cuda")
+    with pytest.raises(ValueError, match="HCO_KERNEL_BACKEND must be one of"):
+        K.backend_for(torch.zeros(1))
