@@ -9,6 +9,9 @@ Per parameter and step (Modoranu et al., NeurIPS 2024, practical algorithm):
 4. rebuild ``m = c1 sum beta1^age V`` and ``v = c2 sum beta2^age V^2`` from the window, with bias
    correction by the step count t, and apply ``p <- p (1 - lr wd) - lr m / (sqrt(v) + eps)``.
 
+With ``alpha > 0`` (the reference's "densify" variant) the step also applies
+``alpha Q^-1(e)`` (the error buffer just written) and keeps ``(1 - alpha) Q^-1(e)`` in the buffer.
+
 State per parameter of d elements: about ``0.5 + 4/quant_block_size + 4 window_size density``
 bytes per element (0.96 at the defaults).
 """
@@ -44,6 +47,9 @@ class MicroAdam(CompressedOptimizer):
         quant_block_size: elements per min/max bucket of the 4-bit error buffer (even).
         topk_block_size: elements per top-k block; fixed, so results do not depend on the GPU;
             at most 32768 so that block-relative indices fit int16.
+        alpha: in [0, 1); the reference's "densify" variant: each step also applies
+            ``alpha * Q^-1(e)`` (the fresh error buffer, unnormalised, times lr) and keeps
+            ``(1 - alpha) * Q^-1(e)`` in the buffer. 0 (default) is plain MicroAdam.
         stochastic_rounding: round bf16 parameter updates stochastically (deterministic seeds,
             identical on every data-parallel rank).
         seed: base seed of the stochastic rounding.
@@ -61,7 +67,7 @@ class MicroAdam(CompressedOptimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  window_size=10, density=0.01, quant_block_size=64,
                  topk_block_size=DEFAULT_TOPK_BLOCK, stochastic_rounding=False, seed=0,
-                 nonfinite="skip", *, m=None, k_init=None):
+                 nonfinite="skip", *, alpha=0.0, m=None, k_init=None):
         if m is not None:
             window_size = m
         if k_init is not None:
@@ -77,6 +83,7 @@ class MicroAdam(CompressedOptimizer):
             raise ValueError("quant_block_size must be an even integer in [2, 1048576] (two 4-bit "
                              f"codes share a byte), got {quant_block_size}")
         topk_block_size = check_int("topk_block_size", topk_block_size, 1, MAX_INT16_BLOCK)
+        alpha = check_float("alpha", alpha, 0.0, 1.0, hi_open=True)
         if not isinstance(stochastic_rounding, bool):
             raise ValueError(f"stochastic_rounding must be True or False, got "
                              f"{stochastic_rounding!r}")
@@ -84,7 +91,7 @@ class MicroAdam(CompressedOptimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         window_size=window_size, density=density,
                         quant_block_size=quant_block_size, topk_block_size=topk_block_size,
-                        stochastic_rounding=stochastic_rounding)
+                        alpha=alpha, stochastic_rounding=stochastic_rounding)
         self.seed = seed
         super().__init__(params, defaults, nonfinite=nonfinite)
 
@@ -161,9 +168,18 @@ class MicroAdam(CompressedOptimizer):
         K.error_feedback_compress(grad, st["ef_codes"], st["ef_min"], st["ef_max"],
                                   state["quant_block"], layout, st["window_indices"][slot],
                                   st["window_values"][slot])
+        alpha = group.get("alpha", 0.0)
+        dense = error = None
+        if alpha > 0.0:
+            error = K.dequantize4(st["ef_codes"], st["ef_min"], st["ef_max"], n,
+                                  state["quant_block"])
+            dense = error * alpha
         beta1, beta2 = group["betas"]
         sr_seed = (_sr_seed(self.seed, index, t)
                    if group["stochastic_rounding"] and pl.dtype == torch.bfloat16 else None)
         K.window_adam_update(pl, st["window_indices"], st["window_values"], layout, t,
                              beta1, beta2, group["eps"], lr, as_float(group["weight_decay"]),
-                             sr_seed)
+                             sr_seed, dense)
+        if error is not None:
+            K.quantize4(error.mul_(1.0 - alpha), state["quant_block"], st["ef_codes"],
+                        st["ef_min"], st["ef_max"])

@@ -348,6 +348,7 @@ MICROADAM_SCHEMA = register_schema(OptimArgsSchema(
         Option("density", "float", aliases=("k_init",), help="in (0, 1]"),
         Option("quant_block_size", "int", help="even, in [2, 1048576]"),
         Option("topk_block_size", "int", help="in [1, 32768]"),
+        Option("alpha", "float", help="in [0, 1)"),
         Option("stochastic_rounding", "bool"),
         Option("seed", "int", help=">= 0"),
         Option("nonfinite", "choice", choices=("skip", "raise")),

@@ -1,5 +1,6 @@
 """MicroAdam optimizer: Adam equivalence, truncated-window formula, dtypes, contract, bad input."""
 
+import copy
 import io
 import re
 import math
@@ -278,6 +279,7 @@ def test_vanilla_torch_loader_would_corrupt_state():
     ({"quant_block_size": 63}, "quant_block_size"), ({"quant_block_size": 0}, "quant_block_size"),
     ({"topk_block_size": 40000}, "topk_block_size"), ({"stochastic_rounding": "yes"}, "stochastic_rounding"),
     ({"nonfinite": "ignore"}, "nonfinite"), ({"seed": -1}, "seed"), ({"lr": float("nan")}, "lr"),
+    ({"alpha": 1.0}, "alpha"), ({"alpha": -0.5}, "alpha"),
 ])
 def test_invalid_hyperparameters_raise_value_error_naming_them(kwargs, name):
     with pytest.raises(ValueError, match="^" + re.escape(name) + " "):
@@ -343,3 +345,57 @@ def test_package_imports_and_steps_without_triton():
             "o = h.MicroAdam([p]); o.step(); assert int(o.state[p]['step']) == 1\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_alpha_zero_is_the_default_and_bitwise_unchanged():
+    p, q = _pair((40, 33))
+    a = MicroAdam([p], lr=1e-2, density=0.05, window_size=3)
+    b = MicroAdam([q], lr=1e-2, density=0.05, window_size=3, alpha=0.0)
+    assert a.param_groups[0]["alpha"] == 0.0
+    g = torch.Generator().manual_seed(5)
+    for _ in range(5):
+        grad = torch.randn(p.shape, generator=g)
+        p.grad, q.grad = grad.clone(), grad.clone()
+        a.step(), b.step()
+    assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_alpha_densifies_with_the_error_buffer(wd):
+    """alpha > 0: the step also applies lr * alpha * Q^-1(e) (e just written) and the buffer
+    keeps Q((1 - alpha) Q^-1(e)); checked against the alpha = 0 step plus that correction."""
+    from hf_compressed_optim.kernels import reference as R
+
+    alpha, lr, qb = 0.25, 1e-2, 64
+    p, q = _pair((50, 41))
+    dense = MicroAdam([p], lr=lr, weight_decay=wd, density=0.05, window_size=3, alpha=alpha)
+    plain = MicroAdam([q], lr=lr, weight_decay=wd, density=0.05, window_size=3)
+    g = torch.Generator().manual_seed(7)
+    for _ in range(4):
+        # the plain optimizer starts each step from the densified one's state and parameters
+        plain.load_state_dict(copy.deepcopy(dense.state_dict()))  # torch's loader aliases
+        plain.param_groups[0]["alpha"] = 0.0  # the loaded groups carry the saved alpha
+        with torch.no_grad():
+            q.copy_(p)
+        grad = torch.randn(p.shape, generator=g)
+        p.grad, q.grad = grad.clone(), grad.clone()
+        dense.step(), plain.step()
+        sq = plain.state[q]
+        err = R.dequantize4(sq["ef_codes"], sq["ef_min"], sq["ef_max"], q.numel(), qb)
+        want = q.detach().reshape(-1) - lr * alpha * err
+        torch.testing.assert_close(p.detach().reshape(-1), want, rtol=1e-6, atol=1e-7)
+        codes = torch.empty_like(sq["ef_codes"])
+        lo, hi = torch.empty_like(sq["ef_min"]), torch.empty_like(sq["ef_max"])
+        R.quantize4(err * (1 - alpha), qb, codes, lo, hi)
+        sp = dense.state[p]
+        assert torch.equal(sp["ef_codes"], codes) and torch.equal(sp["ef_min"], lo)
+        assert torch.equal(sp["ef_max"], hi)
+        assert not torch.equal(p, q)
+
+
+def test_alpha_through_optim_args():
+    from hf_compressed_optim import parse_optim_args
+
+    assert parse_optim_args("microadam", "alpha=0.5")["alpha"] == 0.5
+    with pytest.raises(ValueError, match="alpha"):
+        MicroAdam([torch.nn.Parameter(torch.zeros(3))], **parse_optim_args("microadam", "alpha=1"))
