@@ -7,11 +7,11 @@ Per step (EFCP spec section 2), with ``c`` the new compressed row (of the whole 
    written into ring slot ``count % m`` (parameters without a gradient write a zero slice);
 2. the new row's inner products with every stored row (the SP pass, summed over parameters and
    passed through :meth:`EFCPOptimizer._all_reduce`) replace row/column ``slot`` of ``G G^T``;
-3. the subclass turns ``G G^T`` and ``G x`` into ``(s, z)`` with ``P^-1 x = s x + G^T z``
-   (an m x m problem);
-4. every parameter: ``u_p = s c_p + sum_i z_i row_i,p`` (one LCG pass; ``c`` is the slot's own
-   row, so ``s`` is folded into ``z[slot]``), optional momentum ``v = mu v + u`` (no dampening),
-   weight decay, ``p <- p - lr u``.
+3. the subclass solves the m x m problem for the coefficients ``z`` of ``P^-1 c = G^T z``
+   directly (``c`` is the slot's own row, so no ``s c - ...`` difference that would cancel), and
+   for the ``l2`` mode also ``(s, z')`` with ``P^-1 y = s y + G^T z'`` for ``y = wd p``;
+4. every parameter: ``u_p = sum_i z_i row_i,p`` (one LCG pass, ``+ s wd p`` for ``l2``),
+   optional momentum ``v = mu v + u`` (no dampening), weight decay, ``p <- p - lr u``.
 
 If *any* gradient is non-finite the whole step is skipped (the preconditioner is global):
 nothing enters the window or an error buffer.
@@ -73,7 +73,8 @@ def common_defaults(*, lr, window_size, density, weight_decay, momentum, compres
 
 
 class EFCPOptimizer(CompressedOptimizer):
-    """Base class; subclasses implement :meth:`_solve` (the m x m part of the preconditioner)."""
+    """Base class; subclasses implement :meth:`_coefficients` (the m x m part of the
+    preconditioner)."""
 
     STATE_CATEGORIES = {
         "window_indices": "window", "window_values": "window",
@@ -138,9 +139,11 @@ class EFCPOptimizer(CompressedOptimizer):
     def _init_state(self, state: dict, p: torch.Tensor, group: dict, seed: int = 0) -> None:
         W.init_param_state(state, p, group, group["window_size"], seed)
 
-    def _solve(self, gram: torch.Tensor, gx: torch.Tensor,
-               count: int) -> tuple[float, torch.Tensor]:
-        """``(s, z)`` with ``P^-1 x = s x + G^T z`` for the filled rows (``gram`` = G G^T)."""
+    def _coefficients(self, gram: torch.Tensor, slot: int, gy: torch.Tensor,
+                      count: int) -> tuple[float, torch.Tensor]:
+        """``(s, z)`` over the filled rows (``gram`` = G G^T, fp64) such that
+        ``P^-1 (c + y) = G^T z + s y``, where ``c`` = row ``slot`` and ``gy`` = ``G y`` (zero
+        outside the ``l2`` weight-decay mode, where ``y = wd p``)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ helpers
@@ -211,17 +214,17 @@ class EFCPOptimizer(CompressedOptimizer):
         slot = count % m
         nrows = min(count + 1, m)
         dev = gram.device
-        # 1. error feedback + compression into the slot
-        rows = []
+        # 1. error feedback + compression into the slot (the dense copies are dropped at once:
+        # keeping them for the whole step would cost 4 bytes per parameter element)
         dots = torch.zeros(nrows, dtype=torch.float64, device=dev)
         for index, group, p, grad in work:
             state = views[id(p)]
             c = W.compress_into_slot(state, grad, slot)
             dots += W.slot_dots(state, slot, c, nrows).to(dev)
-            rows.append(c)
+            del c
         for p in idle:
             W.clear_slot(views[id(p)], slot)
-        # 2. query vector x = c (+ wd * theta for the l2 mode): G x
+        # 2. G (wd theta) for the l2 mode
         l2 = torch.zeros(nrows, dtype=torch.float64, device=dev)
         for (index, group, p, grad) in work:
             wd = as_float(group["weight_decay"])
@@ -231,11 +234,9 @@ class EFCPOptimizer(CompressedOptimizer):
         dots, l2 = both[0], both[1]
         W.update_gram_(gram, slot, dots)
         # 3. the m x m problem
-        s, z = self._solve(gram[:nrows, :nrows], dots + l2, count)
-        coeffs = z.clone()
-        coeffs[slot] += s
+        s, coeffs = self._coefficients(gram[:nrows, :nrows], slot, l2, count)
         # 4. per-parameter update
-        for (index, group, p, grad), c in zip(work, rows):
+        for index, group, p, grad in work:
             state = views[id(p)]
             state["step"] += 1
             pl = local_tensor(p)

@@ -6,9 +6,12 @@ Update for the compressed accumulator ``x = c_t`` (EFCP spec section 3):
     u = (damp I + (1/n) G^T G)^-1 x = (1/damp) [x - G^T (n damp I + G G^T)^-1 G x]   (Woodbury)
 
 with ``G`` the m x d window (rows not yet written are zero) and ``n = m`` (the reference, also
-while the window fills) or ``n = min(t, m)`` with ``fix_scaling=True``. The m x m system is
-solved by Cholesky in fp64 from ``G G^T``, which is kept in fp64 and updated one row/column per
-step; TF32 never enters (fp64 throughout).
+while the window fills) or ``n = min(t, m)`` with ``fix_scaling=True``. Since ``x = c`` is the
+window's own row ``slot``, ``G c = (A - n damp I) e_slot`` with ``A = G G^T + n damp I``, and the
+update is exactly ``u = n G^T A^-1 e_slot``: computed that way, nothing cancels (the Woodbury
+form's ``x/damp - ...`` difference loses every digit once ``|c|^2 / (n damp)`` is large). The
+m x m system is solved by Cholesky in fp64 from ``G G^T``, which is kept in fp64 and updated one
+row/column per step; TF32 never enters (fp64 throughout).
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ from .validation import check_float
 
 
 def spd_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a^-1 b`` for a symmetric positive definite ``a`` (Cholesky; LU if that fails)."""
+    """``a^-1 b`` (b: [n] or [n, k]) for a symmetric positive definite ``a`` (Cholesky; LU if
+    that fails)."""
+    rhs = b if b.dim() == 2 else b[:, None]
     chol, info = torch.linalg.cholesky_ex(a)
-    if int(info) == 0:
-        return torch.cholesky_solve(b[:, None], chol)[:, 0]
-    return torch.linalg.solve(a, b)
+    out = torch.cholesky_solve(rhs, chol) if int(info) == 0 else torch.linalg.solve(a, rhs)
+    return out if b.dim() == 2 else out[:, 0]
 
 
 class SparseMFAC(EFCPOptimizer):
@@ -80,12 +84,16 @@ class SparseMFAC(EFCPOptimizer):
         defaults["fix_scaling"] = fix_scaling
         super().__init__(params, defaults, seed=seed, nonfinite=nonfinite)
 
-    def _solve(self, gram, gx, count):
+    def _coefficients(self, gram, slot, gy, count):
         group = self.param_groups[0]
         damp = group["damp"]
         m = group["window_size"]
         norm = min(count + 1, m) if group["fix_scaling"] else m
         a = gram.clone()
         a.diagonal().add_(norm * damp)
-        z = spd_solve(a, gx)
-        return 1.0 / damp, z.mul_(-1.0 / damp)
+        rhs = torch.zeros((gram.shape[0], 2), dtype=gram.dtype, device=gram.device)
+        rhs[slot, 0] = 1.0
+        rhs[:, 1] = gy
+        sol = spd_solve(a, rhs)
+        # c: n A^-1 e_slot;  y (l2 mode): (1/damp) [y - G^T A^-1 G y]
+        return 1.0 / damp, sol[:, 0].mul_(norm).sub_(sol[:, 1], alpha=1.0 / damp)

@@ -518,3 +518,82 @@ def test_lowrank_compressor_refuses_sharded_dtensor_parameters():
     p.grad = torch.randn(4, 3)
     with pytest.raises(NotImplementedError, match="lowrank"):
         SparseMFAC([p], compressor="lowrank").step()
+
+
+# ------------------------------------------------------------------ extreme ratios
+def _exact_solve(a, b):
+    """a^-1 b in exact rational arithmetic (Gaussian elimination over Fractions)."""
+    n = len(a)
+    m = [row[:] + [b[i]] for i, row in enumerate(a)]
+    for c in range(n):
+        piv = next(r for r in range(c, n) if m[r][c] != 0)
+        m[c], m[piv] = m[piv], m[c]
+        for r in range(n):
+            if r != c and m[r][c] != 0:
+                f = m[r][c] / m[c][c]
+                m[r] = [x - f * y for x, y in zip(m[r], m[c])]
+    return [m[i][n] / m[i][i] for i in range(n)]
+
+
+def mfac_exact(rows, x, damp, norm):
+    """(damp I + (1/norm) G^T G)^-1 x, exactly (rows and x are fp32/fp64 values)."""
+    from fractions import Fraction
+
+    G = [[Fraction(float(v)) for v in r] for r in rows]
+    d = len(G[0])
+    F = [[(Fraction(damp) if i == j else 0) + sum(r[i] * r[j] for r in G) / norm
+          for j in range(d)] for i in range(d)]
+    return torch.tensor([float(v) for v in _exact_solve(F, [Fraction(float(v)) for v in x])],
+                        dtype=torch.float64)
+
+
+@pytest.mark.parametrize("ratio", [1e12, 6e19])
+def test_mfac_matches_exact_dense_formula_at_huge_gradient_to_damping_ratios(ratio):
+    """|c|^2 / (n damp) huge: the Woodbury form's x/damp - G^T(...) cancelled (230x off at
+    6e19); the coefficients n A^-1 e_slot do not. Rows overlap, one is tiny, one enormous."""
+    d, m, damp = 12, 3, 0.1
+    p = torch.nn.Parameter(torch.zeros(d))
+    opt = SparseMFAC([p], lr=1.0, damp=damp, window_size=m, density=1.0, value_dtype="fp32")
+    gen = torch.Generator().manual_seed(4)
+    big = (ratio * m * damp) ** 0.5 / d ** 0.5
+    history = []
+    for scale in (big, 1.0, big * 1e-3, 1e-2):  # ring wraps at the 4th step
+        g = torch.randn(d, generator=gen) * scale
+        p.grad = g.clone()
+        with torch.no_grad():
+            p.zero_()
+        opt.step()
+        history.append(g.double())
+        want = mfac_exact(history[-m:], g, damp, m)
+        torch.testing.assert_close(-p.detach().double(), want, rtol=1e-5,
+                                   atol=1e-5 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("eps", [1e-8, 1e-5])
+def test_ggt_small_singular_values_get_one_over_sigma_plus_eps(eps):
+    """Orthogonal rows (disjoint supports): u = c / (|c| + eps) exactly. A row whose singular
+    value fell under the old eigenvalue cut-off got the off-span step c / eps instead."""
+    d, m = 30, 3
+    p = torch.nn.Parameter(torch.zeros(d))
+    opt = SparseGGT([p], lr=1.0, eps=eps, window_size=m, density=1.0, value_dtype="fp32")
+    gen = torch.Generator().manual_seed(5)
+    for t, scale in enumerate((1.0, 1e-7, 3e-8)):
+        g = torch.zeros(d)
+        g[10 * t:10 * t + 10] = torch.randn(10, generator=gen) * scale
+        p.grad = g.clone()
+        with torch.no_grad():
+            p.zero_()
+        opt.step()
+        want = g.double() / (float(g.double().norm()) + eps)
+        torch.testing.assert_close(-p.detach().double(), want, rtol=1e-5, atol=0)
+    # and overlapping rows with a wide spread of singular values against the dense formula
+    history = [r.double() for r in _window_rows(opt, [p], m)]
+    g = torch.randn(d, generator=gen) * 1e-3
+    p.grad = g.clone()
+    with torch.no_grad():
+        p.zero_()
+    opt.step()
+    history = history[1:] + [g.double()]
+    want = ggt_dense(history, g, eps)
+    torch.testing.assert_close(-p.detach().double(), want, rtol=1e-4,
+                               atol=1e-4 * float(want.abs().max()))
