@@ -1,7 +1,8 @@
 """Machinery every optimizer of this package shares (the "HF-safe optimizer contract").
 
 * ``load_state_dict`` keeps integer, packed and bf16 state exactly: torch's loader casts every
-  state tensor to the parameter's dtype, which corrupts int16 indices and inflates uint8 codes.
+  state tensor to the parameter's dtype, which corrupts int16 indices and inflates uint8 codes
+  (and turns string entries into the text of a generator).
 * Non-finite gradients are detected for all parameters with one host synchronisation per step and
   never reach the state: the parameter is skipped (counted, warned) or an error is raised.
 * DTensor parameters (FSDP2) are handled on their local shards.
@@ -114,6 +115,9 @@ class CompressedOptimizer(torch.optim.Optimizer):
                 continue
             loaded = self.state[param]
             for name, incoming in incoming_state.items():
+                if isinstance(incoming, str):  # torch's loader rebuilds strings char by char
+                    loaded[name] = incoming
+                    continue
                 current = loaded.get(name)
                 if torch.is_tensor(incoming) and torch.is_tensor(current) and \
                         current.dtype != incoming.dtype:

@@ -49,6 +49,9 @@ FIRST_ORDER = ("adamw", "sgd")
 INVERSE_ROOTS = ("eigen", "schur_newton")
 PRECOND_BITS = (4, 32)
 GRAFT_GUARD = 1e-12
+#: Checkpoints written before ``state["codebook"]`` existed end ``state["layout"]`` with an index
+#: into this order; frozen, so reordering or extending ``CODEBOOKS`` cannot change their meaning.
+LEGACY_CODEBOOKS = ("linear2", "dynamic_tree")
 
 
 @dataclass
@@ -186,8 +189,8 @@ class Shampoo(CompressedOptimizer):
         layout = param_layout(tuple(p.shape), *geometry)
         if layout is None:
             return
-        state["layout"] = torch.tensor([*geometry, CODEBOOKS.index(group["codebook"])],
-                                       dtype=torch.int64)
+        state["layout"] = torch.tensor(geometry, dtype=torch.int64)
+        state["codebook"] = group["codebook"]  # by name: an index would depend on CODEBOOKS' order
         state["precond_failures"] = torch.zeros((), dtype=torch.int64)
         dev = p.device
         for key, size in zip(QUANT_KEYS, layout.quant_sizes):
@@ -222,8 +225,10 @@ class Shampoo(CompressedOptimizer):
         geo = state.get("layout")
         if geo is None:
             return None, None, None
-        max_order, bits, min_q, block, cb = (int(v) for v in geo.tolist())
-        return param_layout(tuple(p.shape), max_order, bits, min_q, block), CODEBOOKS[cb], block
+        max_order, bits, min_q, block, *legacy = (int(v) for v in geo.tolist())
+        # older checkpoints: no "codebook" entry, a fifth layout entry indexing LEGACY_CODEBOOKS
+        name = LEGACY_CODEBOOKS[legacy[0]] if legacy else state["codebook"]
+        return param_layout(tuple(p.shape), max_order, bits, min_q, block), name, block
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -269,7 +274,9 @@ class Shampoo(CompressedOptimizer):
         return loss
 
     # ------------------------------------------------------------------ failures
-    def _record_failures(self, owners: list[_Job], ok: torch.Tensor, what: str) -> None:
+    def _record_failures(self, owners: list[_Job], ok: torch.Tensor, what: str,
+                         outcome: str = "their previous preconditioner is kept",
+                         unit: str = "factor(s)") -> None:
         bad = [j for j, good in zip(owners, ok.tolist()) if not good]
         if not bad:
             return
@@ -279,10 +286,9 @@ class Shampoo(CompressedOptimizer):
             self._warned.add(what)
             warnings.warn(
                 f"Shampoo: the {what} failed or produced non-finite values for {len(bad)} "
-                f"factor(s) (e.g. param {bad[0].index} {tuple(bad[0].param.shape)}); their "
-                "previous preconditioner is kept. This warning is shown once; "
-                "state['precond_failures'] counts every occurrence.", RuntimeWarning,
-                stacklevel=4)
+                f"{unit} (e.g. param {bad[0].index} {tuple(bad[0].param.shape)}); {outcome}. "
+                "This warning is shown once; state['precond_failures'] counts every occurrence.",
+                RuntimeWarning, stacklevel=4)
 
     # ------------------------------------------------------------------ T1: statistics
     @staticmethod
@@ -421,7 +427,8 @@ class Shampoo(CompressedOptimizer):
         return out
 
     def _precondition(self, jobs: list[_Job]) -> None:
-        """``Ĝ = L̂ G R̂`` per block (batched by block shape), merged and grafted to ``‖G‖``."""
+        """``Ĝ = L̂ G R̂`` per block (batched by block shape), merged and grafted to ``‖G‖``.
+        One host sync checks the grafts of all parameters."""
         if not jobs:
             return
         entries = [(j, b, g) for j in jobs for b, g in zip(j.layout.blocks, self._blocks_fp32(j))]
@@ -440,9 +447,38 @@ class Shampoo(CompressedOptimizer):
         norms = torch.stack([torch.stack((torch.linalg.vector_norm(j.grad.float()),
                                           torch.linalg.vector_norm(j.direction))) for j in jobs])
         scales = norms[:, 0] / (norms[:, 1] + GRAFT_GUARD)
+        fine = (torch.isfinite(norms).all(dim=1) & torch.isfinite(scales)).tolist()
+        if not all(fine):
+            scales = self._wide_graft(jobs, fine, scales)
         for k, j in enumerate(jobs):
+            if j.direction is None:
+                continue
             j.direction.mul_(scales[k])
             j.direction = j.direction.view(j.param.shape)
+
+    def _wide_graft(self, jobs: list[_Job], fine: list[bool], scales: torch.Tensor
+                    ) -> torch.Tensor:
+        """Graft scales where the fp32 norms overflowed: a finite gradient's sum of squares does
+        from ``‖G‖ ≈ 1.8e19`` on. Redone in float64 (only then, so ordinary steps keep their
+        bits); a parameter whose grafted direction still is not finite (overflow inside
+        ``L̂ G R̂``) takes its raw gradient this step, so no inf/NaN reaches parameters or state."""
+        redo = [k for k, good in enumerate(fine) if not good]
+        wide = torch.stack([torch.stack((
+            torch.linalg.vector_norm(jobs[k].grad, dtype=torch.float64),
+            torch.linalg.vector_norm(jobs[k].direction, dtype=torch.float64))) for k in redo])
+        wide_scales = (wide[:, 0] / (wide[:, 1] + GRAFT_GUARD)).float()
+        # fp32-finite ‖G‖ bounds every entry of the grafted direction
+        ok = (torch.isfinite(wide[:, 1]) & torch.isfinite(wide[:, 0].float())
+              & torch.isfinite(wide_scales)).cpu()
+        owners = [jobs[k] for k in redo]
+        self._record_failures(owners, ok, "preconditioned gradient (L̂ G R̂ or its norm)",
+                              "their raw gradient is used for this step", "parameter(s)")
+        scales = scales.clone()
+        scales[torch.tensor(redo, device=scales.device)] = wide_scales
+        for j, good in zip(owners, ok.tolist()):
+            if not good:
+                j.direction = None
+        return scales
 
     # ------------------------------------------------------------------ first-order step
     def _first_order_update(self, job: _Job) -> None:

@@ -44,6 +44,38 @@ def _run(opt, params, grads):
         opt.step()
 
 
+def _tensors(state):
+    return {k: v.clone() for k, v in state.items() if torch.is_tensor(v)}
+
+
+def _assert_same_state(got, expected):
+    assert got.keys() == expected.keys()
+    for k, v in expected.items():
+        if torch.is_tensor(v):
+            assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+        else:
+            assert got[k] == v, k
+
+
+def _saved(opt, params):
+    """What a checkpoint holds: the optimizer and parameters through torch.save and
+    torch.load(weights_only=True)."""
+    buf = io.BytesIO()
+    torch.save({"opt": opt.state_dict(), "params": [p.detach() for p in params]}, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def _resume(make, saved, grads):
+    params, opt = make()
+    with torch.no_grad():
+        for p, s in zip(params, saved["params"]):
+            p.copy_(s)
+    opt.load_state_dict(saved["opt"])
+    _run(opt, params, grads)
+    return params, opt
+
+
 # ---------------------------------------------------------------------- matrix functions
 def test_bjorck_reduces_orthogonality_error_monotonically():
     torch.manual_seed(0)
@@ -311,26 +343,82 @@ def test_save_resume_exact_with_weights_only(dtype):
 
     params, opt = make()
     _run(opt, params, grads[:5])
-    buf = io.BytesIO()
-    torch.save({"opt": opt.state_dict(), "params": [p.detach() for p in params]}, buf)
-    buf.seek(0)
-    saved = torch.load(buf, weights_only=True)
+    saved = _saved(opt, params)
     assert saved["opt"]["state"][4]["eigvec_codes"].dtype == torch.uint8
-    params2, opt2 = make()
-    with torch.no_grad():
-        for p, s in zip(params2, saved["params"]):
-            p.copy_(s)
-    opt2.load_state_dict(saved["opt"])
+    assert saved["opt"]["state"][4]["codebook"] == "linear2"
+    params2, opt2 = _resume(make, saved, [])
     for s_old, s_new in zip(opt.state.values(), opt2.state.values()):
-        for k, v in s_old.items():
-            assert s_new[k].dtype == v.dtype and torch.equal(s_new[k], v), k
+        _assert_same_state(s_new, s_old)
     _run(opt2, params2, grads[5:])
     for p, q in zip(params2, full_params):
         assert p.dtype == dtype and torch.equal(p, q)
     for s_full, s_res in zip(full.state.values(), opt2.state.values()):
-        for k, v in s_full.items():
-            assert torch.equal(s_res[k], v), k
+        _assert_same_state(s_res, s_full)
     assert opt2.state[params2[0]]["exp_avg"].dtype == dtype  # first-order state: param dtype
+
+
+def _make_quantized(codebook):
+    params = _params()
+    return params, Shampoo(params, lr=1e-2, stat_update_interval=2, root_update_interval=3,
+                           min_quant_size=64, codebook=codebook)
+
+
+def _reorder_codebooks(monkeypatch):
+    """A later release that lists (or extends) the codebooks in another order."""
+    monkeypatch.setattr(shampoo_mod, "CODEBOOKS", tuple(reversed(shampoo_mod.CODEBOOKS)))
+    monkeypatch.setattr(C, "CODEBOOKS", tuple(reversed(C.CODEBOOKS)))
+
+
+@pytest.mark.parametrize("reordered", [False, True])
+@pytest.mark.parametrize("codebook", ["linear2", "dynamic_tree"])
+def test_legacy_layout_with_codebook_index_resumes_exactly(monkeypatch, codebook, reordered):
+    """Checkpoints written before state["codebook"] existed: layout = geometry + an index into
+    ("linear2", "dynamic_tree"), an order that must not follow CODEBOOKS."""
+    def make():
+        return _make_quantized(codebook)
+
+    grads = _grads(_params(), 10)
+    full_params, full = make()
+    _run(full, full_params, grads)
+    params, opt = make()
+    _run(opt, params, grads[:5])
+    saved = _saved(opt, params)
+    legacy_index = {"linear2": 0, "dynamic_tree": 1}[codebook]
+    for state in saved["opt"]["state"].values():
+        if "layout" in state:
+            state.pop("codebook", None)
+            state["layout"] = torch.cat((state["layout"][:4], torch.tensor([legacy_index])))
+    if reordered:
+        _reorder_codebooks(monkeypatch)
+    params2, opt2 = _resume(make, saved, grads[5:])
+    for p, q in zip(params2, full_params):
+        assert torch.equal(p, q)
+    for s_full, s_res in zip(full.state.values(), opt2.state.values()):
+        if "layout" in s_full:
+            assert "codebook" not in s_res
+            assert s_res["layout"].tolist() == s_full["layout"].tolist()[:4] + [legacy_index]
+            s_full = {k: v for k, v in s_full.items() if k not in ("layout", "codebook")}
+            s_res = {k: v for k, v in s_res.items() if k != "layout"}
+        _assert_same_state(s_res, s_full)
+
+
+@pytest.mark.parametrize("codebook", ["linear2", "dynamic_tree"])
+def test_checkpoint_keeps_its_codebook_when_codebooks_are_reordered(monkeypatch, codebook):
+    def make():
+        return _make_quantized(codebook)
+
+    grads = _grads(_params(), 10)
+    full_params, full = make()
+    _run(full, full_params, grads)
+    params, opt = make()
+    _run(opt, params, grads[:5])
+    saved = _saved(opt, params)
+    _reorder_codebooks(monkeypatch)
+    params2, opt2 = _resume(make, saved, grads[5:])
+    for p, q in zip(params2, full_params):
+        assert torch.equal(p, q)
+    for s_full, s_res in zip(full.state.values(), opt2.state.values()):
+        _assert_same_state(s_res, s_full)
 
 
 def test_empty_groups_zero_numel_no_grad_and_template_step():
@@ -375,7 +463,7 @@ def test_nonfinite_gradient_never_reaches_statistics(bad):
     params = _params(shapes=((70, 66), (20, 10)))
     opt = Shampoo(params, lr=1e-2, stat_update_interval=1, root_update_interval=1)
     _run(opt, params, _grads(params, 2))
-    snapshot = {k: v.clone() for k, v in opt.state[params[0]].items()}
+    snapshot = _tensors(opt.state[params[0]])
     before = params[0].detach().clone()
     g = torch.randn(70, 66)
     g[3, 4] = bad
@@ -384,18 +472,70 @@ def test_nonfinite_gradient_never_reaches_statistics(bad):
     with pytest.warns(RuntimeWarning, match="non-finite"):
         opt.step()
     assert torch.equal(params[0], before)
-    for k, v in opt.state[params[0]].items():
+    for k, v in _tensors(opt.state[params[0]]).items():
         if k != "nonfinite_skips":
             assert torch.equal(v, snapshot[k]), k
     assert opt.nonfinite_skips == 1 and int(opt.state[params[1]]["step"]) == 3
+
+
+@pytest.mark.parametrize("bits", [4, 32])
+@pytest.mark.parametrize("first_order", ["adamw", "sgd"])
+@pytest.mark.parametrize("ordinary_steps", [3, 0])
+def test_huge_finite_gradients_keep_parameters_finite(bits, first_order, ordinary_steps):
+    """Finite gradients whose norm overflows an fp32 sum of squares (‖G‖ > 1.8e19) while
+    preconditioning is on, with statistics built from ordinary gradients first or not: the
+    parameters stay finite, as torch's AdamW / SGD keep them on the same gradients."""
+    params = _params(shapes=((24, 16), (16,)))
+    ref = _clone(params)
+    kw = dict(lr=1e-2, weight_decay=1e-2)
+    opt = Shampoo(params, first_order=first_order, precond_bits=bits, stat_update_interval=1,
+                  root_update_interval=2, min_quant_size=64, **kw)
+    torch_opt = torch.optim.AdamW(ref, **kw) if first_order == "adamw" else \
+        torch.optim.SGD(ref, momentum=0.9, **kw)
+    scales = [1.0] * ordinary_steps + [1e20] * 3 + [1e30] * 3
+    grads = _grads(params, len(scales))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # the statistics updates overflow: previous ones kept
+        for t, (gs, scale) in enumerate(zip(grads, scales), 1):
+            huge = [[g * scale for g in gs]]
+            _run(opt, params, huge)
+            _run(torch_opt, ref, huge)
+            assert all(bool(torch.isfinite(p).all()) for p in ref), (t, scale)  # baseline
+            assert all(bool(torch.isfinite(p).all()) for p in params), (t, scale)
+    state = opt.state[params[0]]
+    assert int(state["step"]) == len(scales)  # every step taken, none skipped
+    assert bool(torch.isfinite(state["exp_avg" if first_order == "adamw" else
+                                     "momentum_buffer"]).all())
+    # the grafted preconditioned direction itself was finite: no raw-gradient fallback
+    assert not any("raw gradient" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("bits", [4, 32])
+def test_overflowing_preconditioned_gradient_falls_back_to_raw_gradient(bits):
+    """Statistics of small gradients give large inverse roots, so L̂ G R̂ of a gradient with one
+    entry near the fp32 maximum overflows: that parameter steps on its raw gradient instead."""
+    params = _params(shapes=((24, 16), (20, 10)))
+    opt = Shampoo(params, lr=1.0, first_order="sgd", momentum=0.0, precond_bits=bits,
+                  stat_update_interval=1, root_update_interval=2, min_quant_size=64)
+    _run(opt, params, [[g * 1e-3 for g in gs] for gs in _grads(params, 4)])
+    huge, ordinary = _grads(params, 1, seed=7)[0]
+    huge[3, 5] = 1e38
+    before = [p.detach().clone() for p in params]
+    with pytest.warns(RuntimeWarning, match="raw gradient is used for this step"):
+        _run(opt, params, [[huge, ordinary]])
+    assert torch.equal(params[0], before[0] - huge)
+    assert not torch.allclose(params[1], before[1] - ordinary)  # still preconditioned
+    assert all(bool(torch.isfinite(p).all()) for p in params)
+    failures = [int(opt.state[p]["precond_failures"]) for p in params]
+    assert failures[0] > failures[1]
 
 
 def test_failed_eigen_and_root_steps_keep_previous_preconditioner(monkeypatch):
     params = _params(shapes=((70, 66), (20, 10)))
     opt = Shampoo(params, lr=1e-2, stat_update_interval=1, root_update_interval=2)
     _run(opt, params, _grads(params, 2))
-    quant = {k: v.clone() for k, v in opt.state[params[0]].items()}
-    fp32 = {k: v.clone() for k, v in opt.state[params[1]].items()}
+    quant = _tensors(opt.state[params[0]])
+    fp32 = _tensors(opt.state[params[1]])
 
     def nan_qr(a, u):
         return torch.full_like(a[..., 0], float("nan")), torch.full_like(a, float("nan"))
