@@ -71,7 +71,9 @@ def _make(entry: Entry, params):
 
 
 def state_bytes(entry: Entry, params) -> dict:
-    """Bytes of state after two steps: total, by category (ours) and per parameter."""
+    """Bytes of state after two steps: total, by category (ours) and per parameter, and the
+    bytes of tensors the step left alive outside the state (workspaces, caches)."""
+    before = hco.memory.live_tensor_storages()
     opt = _make(entry, params)
     opt.step()
     opt.step()
@@ -79,7 +81,8 @@ def state_bytes(entry: Entry, params) -> dict:
     cats = hco.optimizer_state_bytes(opt)
     total = cats.pop("total")
     out = dict(params=n, bytes=total, bytes_per_param=total / n,
-               by_category={k: v / n for k, v in cats.items()})
+               by_category={k: v / n for k, v in cats.items()},
+               unaccounted_bytes_per_param=hco.memory.unaccounted_tensor_bytes(opt, before) / n)
     del opt
     return out
 

@@ -126,7 +126,8 @@ def _table(header: list[str], rows: list[list[str]], align: str | None = None) -
 def memory_section(res: dict, img: str) -> str:
     mem = res["memory"]
     sizes = list(mem["sizes"])
-    names = list(res["roster"])
+    # variants measured only for convergence have no memory rows
+    names = [n for n in res["roster"] if any(n in mem["sizes"][s]["optimizers"] for s in sizes)]
     rows = []
     for n in names:
         row = [f"`{n}`"]
@@ -150,6 +151,13 @@ def memory_section(res: dict, img: str) -> str:
     if cat_rows:
         out += ["", f"Where the bytes go (B/param by category, size `{mem['largest']}`):", "",
                 _table(["optimizer", "categories"], cat_rows, "ll")]
+    hidden = [(n, largest[n]["unaccounted_bytes_per_param"]) for n in names
+              if "unaccounted_bytes_per_param" in largest.get(n, {})]
+    if hidden:
+        out += ["", f"**The whole bill** (size `{mem['largest']}`): bytes per parameter of tensors "
+                "still alive after the step outside the parameters, their gradients and the "
+                "optimizer state (workspaces, caches; a walk of every live tensor): " +
+                ", ".join(f"`{n}` {b:.3f}" for n, b in hidden) + "."]
     ef, sh = mem.get("efcp_window"), mem.get("shampoo_preconditioner")
     if ef:
         out += ["", f"**EFCP window vs dense M-FAC** (same window m = {ef['window']}): sparse "
@@ -199,6 +207,8 @@ def speed_section(res: dict, img: str) -> str:
     sizes = list(sp["sizes"])
     rows = []
     for n in res["roster"]:
+        if not any(n in sp["sizes"][s]["optimizers"] for s in sizes):
+            continue
         row = [f"`{n}`"]
         for s in sizes:
             r = sp["sizes"][s]["optimizers"].get(n, {})

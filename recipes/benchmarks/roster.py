@@ -95,8 +95,17 @@ def _ours(name: str, cls, note: str, grid: dict) -> Entry:
     return Entry(name, "ours", lambda ps, lr: cls(ps, lr=lr, **kwargs), note, grid)
 
 
-def build_roster(include_peers: bool = True, quick: bool = False) -> dict[str, Entry]:
-    """name -> Entry, in report order: AdamW baselines, this package, then the peers found."""
+#: Variants measured only when named with ``--optimizers``: option studies, not default choices.
+VARIANTS = {
+    f"microadam_alpha{a:g}": (dict(alpha=a), f"MicroAdam with alpha={a:g} (densify: the update "
+                                             f"also applies alpha·Q⁻¹(e))") for a in (0.25, 0.5)
+}
+
+
+def build_roster(include_peers: bool = True, quick: bool = False,
+                 variants: bool = False) -> dict[str, Entry]:
+    """name -> Entry, in report order: AdamW baselines, this package, then the peers found
+    (with ``variants``, the :data:`VARIANTS` after this package's optimizers)."""
     adam_grid = QUICK_GRID if quick else ADAM_GRID
     grids = QUICK_GRIDS if quick else GRIDS
     roster = {
@@ -122,6 +131,10 @@ def build_roster(include_peers: bool = True, quick: bool = False) -> dict[str, E
         "shampoo_32bit": _ours("shampoo_32bit", hco.Shampoo32bit,
                                "Shampoo, fp32 preconditioners, AdamW grafting", adam_grid),
     }
+    if variants:
+        for name, (kwargs, note) in VARIANTS.items():
+            roster[name] = Entry(name, "ours", lambda ps, lr, kw=kwargs: hco.MicroAdam(
+                ps, lr=lr, **kw), note, grids["microadam"])
     if not include_peers:
         return roster
     with warnings.catch_warnings():

@@ -69,7 +69,9 @@ def parse_args(argv=None):
     ap.add_argument("--peers-path", default=os.environ.get("HCO_PEERS_PATH"),
                     help="folder made by `pip install --target` holding bitsandbytes / torchao")
     ap.add_argument("--no-peers", action="store_true", help="skip bitsandbytes and torchao")
-    ap.add_argument("--optimizers", nargs="*", default=None, help="a subset of the roster")
+    ap.add_argument("--optimizers", nargs="*", default=None,
+                    help="a subset of the roster (and variants such as microadam_alpha0.25); "
+                         "their figures replace theirs in results.json, the others stay")
     ap.add_argument("--tasks", nargs="*", default=["text", "finetune", "digits"],
                     choices=["text", "finetune", "digits"],
                     help="convergence tasks to (re)measure; the others keep their results")
@@ -255,6 +257,20 @@ def phase_convergence(cfg, roster, device, tasks_wanted, show) -> dict:
     return out
 
 
+def merge_optimizers(old, new):
+    """``new`` over ``old``, keeping the entries of ``old["...optimizers"]`` that ``new`` did not
+    measure: rerunning a few optimizers (``--optimizers``) keeps everyone else's figures."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return new
+    out = dict(old)
+    for key, value in new.items():
+        if key == "optimizers" and isinstance(old.get(key), dict):
+            out[key] = {**old[key], **value}
+        else:
+            out[key] = merge_optimizers(old.get(key), value)
+    return out
+
+
 # ------------------------------------------------------------------ output
 def _json_safe(obj):
     if isinstance(obj, float) and obj != obj:
@@ -321,8 +337,9 @@ def main(argv=None) -> dict:
     results_path = os.path.join(out_dir, "results.json")
     res = json.load(open(results_path)) if os.path.exists(results_path) else {}
     if args.phase != "report":
-        roster = select(build_roster(include_peers=not args.no_peers, quick=args.quick),
-                        args.optimizers)
+        subset = bool(args.optimizers)
+        roster = select(build_roster(include_peers=not args.no_peers, quick=args.quick,
+                                     variants=subset), args.optimizers)
         pv = peer_versions() if not args.no_peers else {}
         show = not args.no_progress
         cmd = command_line(argv if argv is not None else sys.argv[1:])
@@ -332,10 +349,14 @@ def main(argv=None) -> dict:
                          else "CPU"),
             machine=machine_info(torch), versions=versions(), settings=cfg,
             results_path=os.path.relpath(results_path, REPO),
-            overrides={k: v[1] for k, v in BUDGET_OVERRIDES.items() if k in roster},
-            peers_missing=[k for k, v in pv.items() if v.startswith("unavailable")])
-        res["roster"] = {k: dict(family=e.family, note=e.note, lr_grid=e.lr_grid,
-                                 same_math_as=e.same_math_as) for k, e in roster.items()}
+            # a subset run keeps the other optimizers' figures, the peers' among them
+            peers_missing=[] if subset else [k for k, v in pv.items()
+                                             if v.startswith("unavailable")])
+        res["roster"] = {**(res.get("roster", {}) if subset else {}),
+                         **{k: dict(family=e.family, note=e.note, lr_grid=e.lr_grid,
+                                    same_math_as=e.same_math_as) for k, e in roster.items()}}
+        res["meta"]["overrides"] = {k: v[1] for k, v in BUDGET_OVERRIDES.items()
+                                    if k in res["roster"]}
         phases = {"memory": lambda: phase_memory(cfg, roster, device, args.peers_path,
                                                  args.quick, show),
                   "speed": lambda: phase_speed(cfg, roster, device, show),
@@ -343,13 +364,16 @@ def main(argv=None) -> dict:
                                                            show)}
         for phase, measure_phase in phases.items():
             if args.phase in ("all", phase):
+                new = measure_phase()
                 if phase == "convergence":  # per task: rerunning one task keeps the others
-                    res[phase] = {**res.get(phase, {}), **measure_phase()}
+                    new = {**res.get(phase, {}), **new} if not subset else new
                     done = [f"convergence/{t}" for t in args.tasks]
                 else:
-                    res[phase] = measure_phase()
                     done = [phase]
+                res[phase] = merge_optimizers(res.get(phase, {}), new) if subset else new
                 for key in done:
+                    if subset:
+                        key += f" [{', '.join(roster)}]"
                     res.setdefault("runs", {})[key] = dict(command=cmd, date=res["meta"]["date"])
                 with open(results_path, "w") as f:  # after each phase: a crash loses one phase
                     json.dump(_json_safe(res), f, indent=1)
