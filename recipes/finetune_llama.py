@@ -39,6 +39,7 @@ from transformers import (LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallbac
 
 import hf_compressed_optim  # noqa: E402  (registers optim="microadam" and friends)
 from hf_compressed_optim import offline_corpus  # noqa: E402
+from hf_compressed_optim.zero_sharding import find_zero_optimizer  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -76,7 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--logging_steps", type=int, default=10)
     g = p.add_argument_group("run")
     g.add_argument("--output_dir", default="outputs/finetune_llama")
-    g.add_argument("--save", action="store_true", help="save the final model and optimizer")
+    g.add_argument("--save", action="store_true",
+                   help="save the final model to --output_dir and a final Trainer checkpoint "
+                        "(model, optimizer, scheduler) to --output_dir/checkpoint-<max_steps>")
     g.add_argument("--save_steps", type=int, default=0,
                    help="write a checkpoint (model, optimizer, scheduler) every N steps; 0: none")
     g.add_argument("--resume_from_checkpoint", default=None,
@@ -161,6 +164,17 @@ def format_memory_report(report: dict, n_trainable: int) -> str:
     return "\n".join(lines)
 
 
+def state_scope(trainer, world_size: int) -> str:
+    """What the memory figures below cover on this rank."""
+    if world_size <= 1:
+        return ""
+    if find_zero_optimizer(trainer.optimizer) is not None:
+        return f" (per rank: this rank's 1/{world_size} share of the ZeRO-1 sharded state)"
+    if trainer.is_fsdp_enabled:
+        return " (per rank: this rank's FSDP shard of the state)"
+    return " (per rank: DDP keeps a full copy on each)"
+
+
 # ------------------------------------------------------------------------------------ main
 @torch.no_grad()
 def param_fingerprint(model) -> list[float]:
@@ -203,8 +217,10 @@ def main(argv=None) -> dict:
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         logging_steps=args.logging_steps,
         logging_first_step=True,
-        save_strategy="steps" if args.save_steps else "no",
-        save_steps=args.save_steps or 500,
+        # the Trainer writes every checkpoint, the final one (--save) too: it consolidates sharded
+        # optimizer state (ZeRO-1, FSDP) on every rank before rank 0 saves
+        save_strategy="steps" if args.save_steps or args.save else "no",
+        save_steps=args.save_steps or args.max_steps,
         eval_strategy="no",
         report_to=[],
         disable_tqdm=True,
@@ -258,18 +274,14 @@ def main(argv=None) -> dict:
     if main_process:
         print(f"eval loss after:  {eval_after:.4f}  (before {eval_before:.4f}); "
               f"train+eval {elapsed:.1f}s", flush=True)
-        where = " (per rank: DDP keeps a full copy on each)" if training_args.world_size > 1 else ""
-        print(f"[{type(optimizer).__name__}]{where} " + format_memory_report(report, n_opt),
-              flush=True)
+        print(f"[{type(optimizer).__name__}]{state_scope(trainer, training_args.world_size)} "
+              + format_memory_report(report, n_opt), flush=True)
         os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, "finetune_results.json"), "w") as f:
             json.dump(results, f, indent=2)
-    if args.save:
+    if args.save:  # the optimizer state is in the final checkpoint the Trainer wrote
         trainer.save_model(args.output_dir)
         trainer.save_state()
-        if main_process:
-            torch.save(trainer.optimizer.state_dict(),
-                       os.path.join(args.output_dir, "optimizer.pt"))
     return results
 
 

@@ -66,3 +66,26 @@ def test_ddp_trainer_sharded_state(tmp_path, case):
     per_rank = res["state_bytes_per_rank"]
     assert sum(per_rank) == pytest.approx(full[0], rel=0.02)  # the state is split, not copied
     assert max(per_rank) < 0.6 * full[0]  # and balanced
+
+
+@pytest.mark.multiprocess
+def test_main_job_saves_sharded_state_through_the_trainer(tmp_path):
+    """``--save`` under torchrun with ``shard_state=true`` used to die on rank 0 (the recipe
+    saved optimizer.pt by hand, without consolidating); the Trainer's final checkpoint holds it."""
+    import torch
+
+    recipe = pathlib.Path(__file__).parent.parent / "recipes" / "finetune_llama.py"
+    out = tmp_path / "run"
+    proc = torchrun(recipe, "--use_cpu", "--optim_args", "window_size=3,shard_state=true",
+                    "--save", "--max_steps", "4", "--hidden_size", "32", "--intermediate_size",
+                    "64", "--num_hidden_layers", "1", "--num_attention_heads", "2",
+                    "--block_size", "32", "--per_device_train_batch_size", "2",
+                    "--max_train_blocks", "64", "--max_eval_blocks", "8", "--warmup_steps", "0",
+                    "--output_dir", str(out), log=tmp_path / "stderr.txt")
+    assert "share of the ZeRO-1 sharded state" in proc.stdout
+    assert "DDP keeps a full copy" not in proc.stdout
+    saved = torch.load(out / "checkpoint-4" / "optimizer.pt", map_location="cpu",
+                       weights_only=True)
+    steps = [int(s["step"]) for s in saved["state"].values()]
+    assert steps and set(steps) == {4}  # every parameter's consolidated state, from both ranks
+    assert (out / "model.safetensors").is_file()
