@@ -106,9 +106,13 @@ def live_tensor_storages() -> set[tuple[int, int]]:
     out = set()
     for obj in gc.get_objects():
         if isinstance(obj, torch.Tensor) and not obj.is_meta:
-            storage = local_tensor(obj).untyped_storage()
-            if storage.nbytes():
-                out.add((storage.data_ptr(), storage.nbytes()))
+            try:
+                storage = local_tensor(obj).untyped_storage()
+                key = (storage.data_ptr(), storage.nbytes())
+            except (RuntimeError, NotImplementedError):  # fake/functional tensors (torch.compile)
+                continue                                   # and wrapper subclasses hold no data
+            if key[1]:
+                out.add(key)
     return out
 
 

@@ -66,6 +66,16 @@ def _saved(opt, params):
     return torch.load(buf, weights_only=True)
 
 
+def _full_run_and_checkpoint(make, grads, at=5):
+    """(params, optimizer) trained on all ``grads``, and a second run's optimizer with its
+    checkpoint after the first ``at``."""
+    full_params, full = make()
+    _run(full, full_params, grads)
+    params, opt = make()
+    _run(opt, params, grads[:at])
+    return full_params, full, opt, _saved(opt, params)
+
+
 def _resume(make, saved, grads):
     params, opt = make()
     with torch.no_grad():
@@ -338,12 +348,7 @@ def test_save_resume_exact_with_weights_only(dtype):
                                min_quant_size=64)
 
     grads = _grads(_params(), 10)
-    full_params, full = make()
-    _run(full, full_params, grads)
-
-    params, opt = make()
-    _run(opt, params, grads[:5])
-    saved = _saved(opt, params)
+    full_params, full, opt, saved = _full_run_and_checkpoint(make, grads)
     assert saved["opt"]["state"][4]["eigvec_codes"].dtype == torch.uint8
     assert saved["opt"]["state"][4]["codebook"] == "linear2"
     params2, opt2 = _resume(make, saved, [])
@@ -370,54 +375,34 @@ def _reorder_codebooks(monkeypatch):
 
 
 @pytest.mark.parametrize("reordered", [False, True])
+@pytest.mark.parametrize("legacy", [False, True])
 @pytest.mark.parametrize("codebook", ["linear2", "dynamic_tree"])
-def test_legacy_layout_with_codebook_index_resumes_exactly(monkeypatch, codebook, reordered):
-    """Checkpoints written before state["codebook"] existed: layout = geometry + an index into
-    ("linear2", "dynamic_tree"), an order that must not follow CODEBOOKS."""
+def test_checkpoint_keeps_its_codebook(monkeypatch, codebook, legacy, reordered):
+    """The codebook is stored by name, so a later release that lists (or extends) CODEBOOKS in
+    another order resumes exactly. ``legacy``: checkpoints written before state["codebook"]
+    existed (layout = geometry + an index into the frozen order ("linear2", "dynamic_tree"))."""
     def make():
         return _make_quantized(codebook)
 
     grads = _grads(_params(), 10)
-    full_params, full = make()
-    _run(full, full_params, grads)
-    params, opt = make()
-    _run(opt, params, grads[:5])
-    saved = _saved(opt, params)
+    full_params, full, _, saved = _full_run_and_checkpoint(make, grads)
     legacy_index = {"linear2": 0, "dynamic_tree": 1}[codebook]
-    for state in saved["opt"]["state"].values():
-        if "layout" in state:
-            state.pop("codebook", None)
-            state["layout"] = torch.cat((state["layout"][:4], torch.tensor([legacy_index])))
+    if legacy:
+        for state in saved["opt"]["state"].values():
+            if "layout" in state:
+                state.pop("codebook", None)
+                state["layout"] = torch.cat((state["layout"][:4], torch.tensor([legacy_index])))
     if reordered:
         _reorder_codebooks(monkeypatch)
     params2, opt2 = _resume(make, saved, grads[5:])
     for p, q in zip(params2, full_params):
         assert torch.equal(p, q)
     for s_full, s_res in zip(full.state.values(), opt2.state.values()):
-        if "layout" in s_full:
+        if legacy and "layout" in s_full:
             assert "codebook" not in s_res
             assert s_res["layout"].tolist() == s_full["layout"].tolist()[:4] + [legacy_index]
             s_full = {k: v for k, v in s_full.items() if k not in ("layout", "codebook")}
             s_res = {k: v for k, v in s_res.items() if k != "layout"}
-        _assert_same_state(s_res, s_full)
-
-
-@pytest.mark.parametrize("codebook", ["linear2", "dynamic_tree"])
-def test_checkpoint_keeps_its_codebook_when_codebooks_are_reordered(monkeypatch, codebook):
-    def make():
-        return _make_quantized(codebook)
-
-    grads = _grads(_params(), 10)
-    full_params, full = make()
-    _run(full, full_params, grads)
-    params, opt = make()
-    _run(opt, params, grads[:5])
-    saved = _saved(opt, params)
-    _reorder_codebooks(monkeypatch)
-    params2, opt2 = _resume(make, saved, grads[5:])
-    for p, q in zip(params2, full_params):
-        assert torch.equal(p, q)
-    for s_full, s_res in zip(full.state.values(), opt2.state.values()):
         _assert_same_state(s_res, s_full)
 
 
