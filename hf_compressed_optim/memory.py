@@ -8,6 +8,7 @@ its local shard, so each rank reports what it holds; tensor subclasses count the
 from __future__ import annotations
 
 import gc
+import warnings
 
 import torch
 
@@ -102,16 +103,21 @@ def optimizer_memory_report(optimizer) -> dict[str, float]:
 def live_tensor_storages() -> set[tuple[int, int]]:
     """``(data_ptr, nbytes)`` of every tensor storage Python can reach, module-level caches
     included (after a garbage-collection pass); DTensors count their local shard."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
     gc.collect()
     out = set()
-    for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor) and not obj.is_meta:
+    with warnings.catch_warnings():  # isinstance() touches deprecated torch.distributed names
+        warnings.simplefilter("ignore")
+        for obj in gc.get_objects():
+            if not isinstance(obj, torch.Tensor) or obj.is_meta or isinstance(obj, FakeTensor):
+                continue
             try:
                 storage = local_tensor(obj).untyped_storage()
                 key = (storage.data_ptr(), storage.nbytes())
-            except (RuntimeError, NotImplementedError):  # fake/functional tensors (torch.compile)
-                continue                                   # and wrapper subclasses hold no data
-            if key[1]:
+            except (RuntimeError, NotImplementedError):  # functional tensors (torch.compile),
+                continue                                   # wrapper subclasses: no data
+            if key[0] and key[1]:
                 out.add(key)
     return out
 
@@ -127,6 +133,9 @@ def unaccounted_tensor_bytes(optimizer, before: set[tuple[int, int]]) -> int:
     owned = [t for g in unwrap_optimizer(optimizer).param_groups for p in g["params"]
              for t in (p, p.grad) if t is not None]
     owned += [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
-    known = {(local_tensor(t).untyped_storage().data_ptr(),
-              local_tensor(t).untyped_storage().nbytes()) for t in owned}
+    known = set()
+    for t in owned:
+        for leaf in _leaf_tensors(t):  # quantized-state subclasses: their inner tensors
+            storage = leaf.untyped_storage()
+            known.add((storage.data_ptr(), storage.nbytes()))
     return sum(nbytes for _, nbytes in live_tensor_storages() - before - known)
