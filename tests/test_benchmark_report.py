@@ -57,6 +57,8 @@ def test_quick_memory_is_sane(quick_run, bench_modules):
     assert mem["efcp_window"]["ratio"] >= 95
     assert mem["shampoo_preconditioner"]["ratio"] >= 6
     assert rows["shampoo_4bit"]["bytes_per_param"] < rows["shampoo_32bit"]["bytes_per_param"]
+    for name in ("microadam", "efcp_mfac", "efcp_ggt", "shampoo_4bit", "shampoo_32bit"):
+        assert rows[name]["unaccounted_bytes_per_param"] <= 0.04, name  # 1% of fp32 params
     for name, r in mem["peak"]["optimizers"].items():
         assert "error" not in r, (name, r)
         assert r["peak_bytes"] >= r["before_bytes"] > 0
@@ -128,3 +130,30 @@ def test_acceptance_flags_a_miss(bench_modules):
         "shampoo_preconditioner": dict(bits4_bytes_per_param=4.0, bits32_bytes_per_param=20.0,
                                        ratio=5.0)}}
     assert [ok for _, ok, _ in report.acceptance(res)] == [False, False]
+
+
+def test_subset_rerun_keeps_the_other_optimizers(quick_run, bench_modules, tmp_path):
+    """``--optimizers`` (with a roster variant) replaces only the named optimizers' figures."""
+    out, res = quick_run
+    (tmp_path / "results.json").write_text(json.dumps(res))
+    bench_modules["run"].main(["convergence", "--quick", "--no-peers", "--no-progress", "--tasks",
+                               "digits", "--optimizers", "microadam_alpha0.25", "--out",
+                               str(tmp_path)])
+    new = json.loads((tmp_path / "results.json").read_text())
+    old_opts = res["convergence"]["digits"]["optimizers"]
+    new_opts = new["convergence"]["digits"]["optimizers"]
+    assert set(new_opts) == set(old_opts) | {"microadam_alpha0.25"}
+    assert new_opts["adamw_torch"] == old_opts["adamw_torch"]
+    assert new["convergence"]["text"] == res["convergence"]["text"]
+    assert new["memory"] == res["memory"] and "microadam_alpha0.25" in new["roster"]
+    assert "microadam_alpha0.25" in (tmp_path / "report.md").read_text()
+
+
+def test_step_ab_child_times_one_checkout():
+    sys.path.insert(0, str(BENCH))
+    try:
+        step_ab = importlib.import_module("step_ab")
+    finally:
+        sys.path.remove(str(BENCH))
+    ms = step_ab.run(str(RECIPES.parent), "adamw")
+    assert 0 < ms < 60_000

@@ -352,7 +352,8 @@ def main(argv=None) -> dict:
             # a subset run keeps the other optimizers' figures, the peers' among them
             peers_missing=[] if subset else [k for k, v in pv.items()
                                              if v.startswith("unavailable")])
-        res["roster"] = {**(res.get("roster", {}) if subset else {}),
+        # merged: figures of optimizers not measured in this run (variants, other phases) stay
+        res["roster"] = {**res.get("roster", {}),
                          **{k: dict(family=e.family, note=e.note, lr_grid=e.lr_grid,
                                     same_math_as=e.same_math_as) for k, e in roster.items()}}
         res["meta"]["overrides"] = {k: v[1] for k, v in BUDGET_OVERRIDES.items()
