@@ -23,12 +23,10 @@ from .validation import check_float
 
 
 def spd_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a^-1 b`` (b: [n] or [n, k]) for a symmetric positive definite ``a`` (Cholesky; LU if
-    that fails)."""
-    rhs = b if b.dim() == 2 else b[:, None]
+    """``a^-1 b`` (b: [n, k]) for a symmetric positive definite ``a`` (Cholesky; LU if that
+    fails)."""
     chol, info = torch.linalg.cholesky_ex(a)
-    out = torch.cholesky_solve(rhs, chol) if int(info) == 0 else torch.linalg.solve(a, rhs)
-    return out if b.dim() == 2 else out[:, 0]
+    return torch.cholesky_solve(b, chol) if int(info) == 0 else torch.linalg.solve(a, b)
 
 
 class SparseMFAC(EFCPOptimizer):
