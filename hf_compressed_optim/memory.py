@@ -100,6 +100,11 @@ def optimizer_memory_report(optimizer) -> dict[str, float]:
     return report
 
 
+def _storage_key(t: torch.Tensor) -> tuple[int, int]:
+    storage = t.untyped_storage()
+    return storage.data_ptr(), storage.nbytes()
+
+
 def live_tensor_storages() -> set[tuple[int, int]]:
     """``(data_ptr, nbytes)`` of every tensor storage Python can reach, module-level caches
     included (after a garbage-collection pass); DTensors count their local shard."""
@@ -113,8 +118,7 @@ def live_tensor_storages() -> set[tuple[int, int]]:
             if not isinstance(obj, torch.Tensor) or obj.is_meta or isinstance(obj, FakeTensor):
                 continue
             try:
-                storage = local_tensor(obj).untyped_storage()
-                key = (storage.data_ptr(), storage.nbytes())
+                key = _storage_key(local_tensor(obj))
             except (RuntimeError, NotImplementedError):  # functional tensors (torch.compile),
                 continue                                   # wrapper subclasses: no data
             if key[0] and key[1]:
@@ -133,9 +137,6 @@ def unaccounted_tensor_bytes(optimizer, before: set[tuple[int, int]]) -> int:
     owned = [t for g in unwrap_optimizer(optimizer).param_groups for p in g["params"]
              for t in (p, p.grad) if t is not None]
     owned += [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
-    known = set()
-    for t in owned:
-        for leaf in _leaf_tensors(t):  # quantized-state subclasses: their inner tensors
-            storage = leaf.untyped_storage()
-            known.add((storage.data_ptr(), storage.nbytes()))
+    # quantized-state subclasses: their inner tensors
+    known = {_storage_key(leaf) for t in owned for leaf in _leaf_tensors(t)}
     return sum(nbytes for _, nbytes in live_tensor_storages() - before - known)

@@ -90,8 +90,9 @@ QUICK_GRIDS = {
 }
 
 
-def _ours(name: str, cls, note: str, grid: dict) -> Entry:
-    kwargs = BUDGET_OVERRIDES.get(name, ({}, ""))[0]
+def _ours(name: str, cls, note: str, grid: dict, kwargs: dict | None = None) -> Entry:
+    """An optimizer of this package; ``kwargs`` default to its :data:`BUDGET_OVERRIDES`."""
+    kwargs = BUDGET_OVERRIDES.get(name, ({}, ""))[0] if kwargs is None else kwargs
     return Entry(name, "ours", lambda ps, lr: cls(ps, lr=lr, **kwargs), note, grid)
 
 
@@ -133,8 +134,7 @@ def build_roster(include_peers: bool = True, quick: bool = False,
     }
     if variants:
         for name, (kwargs, note) in VARIANTS.items():
-            roster[name] = Entry(name, "ours", lambda ps, lr, kw=kwargs: hco.MicroAdam(
-                ps, lr=lr, **kw), note, grids["microadam"])
+            roster[name] = _ours(name, hco.MicroAdam, note, grids["microadam"], kwargs)
     if not include_peers:
         return roster
     with warnings.catch_warnings():
