@@ -3,38 +3,37 @@
 ``import hf_compressed_optim`` registers the optimizer names (``optim="microadam"``) with
 transformers; :func:`register` does it again idempotently, :func:`optimizer_cls_and_kwargs` is the
 patch-free route for ``Trainer(optimizer_cls_and_kwargs=...)``. Set the environment variable
-``HF_COMPRESSED_OPTIM_NO_REGISTER=1`` to skip the automatic registration.
+``HF_COMPRESSED_OPTIM_NO_REGISTER=1`` to skip the automatic registration. Layout: see the
+README's Architecture section.
 """
 
 import os as _os
 import warnings as _warnings
 
-from . import kernels
-from .callbacks import OptimizerMemoryCallback, add_memory_callback
+# the algorithms register their optim names on import, in this order (transformers' choices)
+from .microadam import MicroAdam, MicroAdamConfig
+from .shampoo import Shampoo, Shampoo32bit, Shampoo32bitConfig, ShampooConfig
+from .efcp import SparseGGT, SparseGGTConfig, SparseMFAC, SparseMFACConfig
+
+from . import offline_corpus
+from .core import CompressedOptimizer, OptimizerConfig, optimizer_memory_report
+from .core import optimizer_state_bytes
+from .core.memory import trainable_parameter_count, unwrap_optimizer
+from .engines.zero import find_zero_optimizer
+from .integrations.callbacks import OptimizerMemoryCallback, add_memory_callback
 from .integrations.transformers import (
     CompressedTrainerMixin, RegistrationError, optimizer_cls_and_kwargs, register,
 )
-from .memory import optimizer_memory_report, optimizer_state_bytes
-from .microadam import MicroAdam
-# ---- shampoo exports (issue #3) ----
-from .shampoo import Shampoo, Shampoo32bit
-# ---- end shampoo exports ----
-# ---- efcp exports (issue #4) ----
-from .sparse_ggt import SparseGGT
-from .sparse_mfac import SparseMFAC
-# ---- end efcp exports ----
-from .optim_args import parse_optim_args
-from .optimizer_base import CompressedOptimizer
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CompressedOptimizer", "CompressedTrainerMixin", "MicroAdam", "OptimizerMemoryCallback",
-    "Shampoo", "Shampoo32bit",
-    "SparseGGT", "SparseMFAC",
-    "RegistrationError", "add_memory_callback", "kernels", "optimizer_cls_and_kwargs",
-    "optimizer_memory_report", "optimizer_state_bytes", "parse_optim_args", "register",
-    "__version__",
+    "CompressedOptimizer", "CompressedTrainerMixin", "MicroAdam", "MicroAdamConfig",
+    "OptimizerConfig", "OptimizerMemoryCallback", "RegistrationError", "Shampoo", "Shampoo32bit",
+    "Shampoo32bitConfig", "ShampooConfig", "SparseGGT", "SparseGGTConfig", "SparseMFAC",
+    "SparseMFACConfig", "__version__", "add_memory_callback", "find_zero_optimizer",
+    "offline_corpus", "optimizer_cls_and_kwargs", "optimizer_memory_report",
+    "optimizer_state_bytes", "register", "trainable_parameter_count", "unwrap_optimizer",
 ]
 
 if _os.environ.get("HF_COMPRESSED_OPTIM_NO_REGISTER", "").strip().lower() not in \

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 
 MAX_INT16_BLOCK = 32768  # largest block whose relative indices (0 .. block-1) fit in int16
+#: elements per top-k block unless set: fixed, so results do not depend on the GPU
+DEFAULT_TOPK_BLOCK = 16384
 
 
 def entries_per_block(length: int, density: float) -> int:

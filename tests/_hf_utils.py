@@ -7,7 +7,7 @@ import pathlib
 
 import torch
 
-from hf_compressed_optim.memory import unwrap_optimizer as inner_optimizer  # noqa: F401
+from hf_compressed_optim.core.memory import unwrap_optimizer as inner_optimizer  # noqa: F401
 
 
 def tiny_llama_config(hidden_size: int = 32, intermediate_size: int = 64):
@@ -95,6 +95,21 @@ def mean(xs) -> float:
 
 def losses(trainer) -> list[float]:
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def train_lora(tmp_path, margin: float, **args):
+    """Train the tiny LoRA LLaMA with the Trainer; assert the loss fell by ``margin``.
+    Returns (trainer, the unwrapped optimizer, the trainable parameters)."""
+    from transformers import Trainer
+
+    model = tiny_lora_llama()
+    trainer = Trainer(model=model, args=training_args(tmp_path, **args),
+                      train_dataset=lm_dataset(64))
+    trainer.train()
+    loss = losses(trainer)
+    assert mean(loss[-5:]) < mean(loss[:5]) - margin, loss
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return trainer, inner_optimizer(trainer.optimizer), trainable
 
 
 RECIPES = pathlib.Path(__file__).resolve().parents[1] / "recipes"

@@ -1,4 +1,5 @@
-"""Test oracles for bf16 rounding: the two bf16 neighbours of an fp32 value."""
+"""Test oracles: the two bf16 neighbours of an fp32 value; a least-squares fit any optimizer
+must make progress on."""
 
 from __future__ import annotations
 
@@ -26,3 +27,16 @@ def bf16_half_ulp(x: torch.Tensor) -> torch.Tensor:
     magnitude (bf16 keeps 8 significant bits)."""
     e = torch.frexp(x.float().abs().clamp_min(2.0 ** -126)).exponent
     return torch.ldexp(torch.ones_like(x, dtype=torch.float32), e - 9)
+
+
+def fit_losses(opt: torch.optim.Optimizer, w: torch.Tensor, target: torch.Tensor,
+               steps: int) -> list[float]:
+    """Losses of ``steps`` optimizer steps on ``mean((w - target)^2)`` (w of any float dtype)."""
+    losses = []
+    for _ in range(steps):
+        loss = ((w.float() - target) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses

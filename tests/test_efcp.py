@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from hf_compressed_optim import optimizer_memory_report
-from hf_compressed_optim import lowrank_compressor as LR
-from hf_compressed_optim.efcp_window import layout_of
+from hf_compressed_optim.efcp import lowrank as LR
+from hf_compressed_optim.efcp.window import layout_of
 from hf_compressed_optim.kernels import reference as R
-from hf_compressed_optim.sparse_ggt import SparseGGT
-from hf_compressed_optim.sparse_mfac import SparseMFAC
+from hf_compressed_optim import SparseGGT, SparseMFAC
+
+from _numerics import fit_losses
 
 
 # ------------------------------------------------------------------ float64 references
@@ -324,14 +325,7 @@ def test_param_dtypes_train_and_keep_dtype(cls, dtype):
     w = torch.nn.Parameter(torch.zeros(64, 16, dtype=dtype))
     # M-FAC's steps are Newton-like (lr ~ 1); GGT's are AdaGrad-like
     kw = dict(damp=1e-2, lr=1.0) if cls is SparseMFAC else dict(eps=1e-2, lr=3.0)
-    opt = cls([w], density=0.25, window_size=8, **kw)
-    losses = []
-    for _ in range(40):
-        loss = ((w.float() - target) ** 2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit_losses(cls([w], density=0.25, window_size=8, **kw), w, target, 40)
     assert w.dtype == dtype and torch.isfinite(w.float()).all()
     assert losses[-1] < 0.5 * losses[0], losses[::8]
 
@@ -414,8 +408,9 @@ def _train(opt, params, steps, seed):
 ])
 def test_save_resume_bitwise_with_bf16_params_and_weights_only(cls, kwargs):
     torch.manual_seed(0)
-    make = lambda: [torch.nn.Parameter(torch.randn(300, 70).bfloat16()),
-                    torch.nn.Parameter(torch.randn(33).bfloat16())]
+    def make():
+        return [torch.nn.Parameter(torch.randn(300, 70).bfloat16()),
+                        torch.nn.Parameter(torch.randn(33).bfloat16())]
     params = make()
     kw = dict(lr=1e-4, window_size=4, density=0.05, topk_block_size=4096, **kwargs)
     opt = cls(params, **kw)

@@ -15,7 +15,7 @@ from accelerate import Accelerator  # noqa: E402
 from transformers import Trainer  # noqa: E402
 
 from _hf_utils import (  # noqa: E402
-    tiny_lora_llama,
+    train_lora,
     mean,
     inner_optimizer, lm_dataset, losses, tiny_llama, token_ids, training_args,
 )
@@ -97,22 +97,15 @@ def test_full_finetune_loss_falls_and_memory_metrics(tmp_path, cfg):
 
 def test_lora_loss_falls_and_state(tmp_path):
     pytest.importorskip("peft")
-    model = tiny_lora_llama()
     # LoRA's gradients are small, so M-FAC's Newton-like steps (~ m / |c|) are large: small lr
-    args = training_args(tmp_path, max_steps=40, **{**MFAC, "learning_rate": 0.03,
-                                                    "optim_args": "window_size=8,density=0.2,"
-                                                                  "damp=1e-2,ef_bits=4"})
-    trainer = Trainer(model=model, args=args, train_dataset=lm_dataset(64))
-    trainer.train()
-    loss = losses(trainer)
-    assert mean(loss[-5:]) < mean(loss[:5]) - 0.05, loss
-    opt = inner_optimizer(trainer.optimizer)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainer, opt, trainable = train_lora(tmp_path, 0.05, max_steps=40, **{
+        **MFAC, "learning_rate": 0.03,
+        "optim_args": "window_size=8,density=0.2,damp=1e-2,ef_bits=4"})
     assert [len(g["params"]) for g in opt.param_groups] == [28, 0]
     assert set(opt.state) == set(trainable)
     assert dtype_errors(opt, {"step": torch.int64, "window_indices": torch.int16,
                               "ef_codes": torch.uint8}) == []
-    assert not any(p in opt.state for p in model.parameters() if not p.requires_grad)
+    assert not any(p in opt.state for p in trainer.model.parameters() if not p.requires_grad)
 
 
 @pytest.mark.parametrize("cfg", [MFAC, GGT], ids=["mfac", "ggt"])

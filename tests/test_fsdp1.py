@@ -8,7 +8,7 @@ import torch
 from _dist_utils import torchrun
 
 import hf_compressed_optim as hco
-from hf_compressed_optim.flat_partitions import flat_partition_engine
+from hf_compressed_optim.engines import engine_of
 
 WORKER = pathlib.Path(__file__).parent / "distributed" / "fsdp1_worker.py"
 
@@ -37,15 +37,20 @@ def test_fsdp1_vector_method_trains_and_shampoo_refuses(tmp_path):
         assert "FSDP1" in msg and "FSDP2" in msg
 
 
+def _engine_name(param):
+    engine = engine_of(torch.optim.SGD([param], lr=0.1))
+    return engine.name if engine.flat_partitions else None
+
+
 def test_flat_partition_detection():
     w = torch.nn.Parameter(torch.randn(4, 3))
-    assert flat_partition_engine([{"params": [w]}]) is None
+    assert _engine_name(w) is None
     flat = torch.nn.Parameter(torch.randn(12))
     flat._fsdp_flattened = True
-    assert flat_partition_engine([{"params": [flat]}]) == "FSDP1"
+    assert _engine_name(flat) == "FSDP1"
     ds = torch.nn.Parameter(torch.randn(0))
     ds.ds_id = 3
-    assert flat_partition_engine([{"params": [ds]}]) == "DeepSpeed ZeRO-3"
+    assert _engine_name(ds) == "DeepSpeed ZeRO-3"
     opt = hco.Shampoo([flat])
     flat.grad = torch.randn(12)
     with pytest.raises(RuntimeError, match="FSDP1"):

@@ -12,7 +12,7 @@ import weakref
 import torch
 
 from hf_compressed_optim import SparseGGT, SparseMFAC
-from hf_compressed_optim import efcp_window as W
+from hf_compressed_optim.efcp import window as W
 
 _WALKER = textwrap.dedent('''
     import json, sys

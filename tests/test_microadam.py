@@ -11,6 +11,8 @@ import torch
 
 from hf_compressed_optim import MicroAdam, optimizer_memory_report
 
+from _numerics import fit_losses
+
 
 def _bf16_exact(shape, gen):
     return torch.randn(shape, generator=gen).bfloat16().float()
@@ -43,7 +45,8 @@ def test_per_group_lr_and_weight_decay_and_scheduler():
     torch.manual_seed(0)
     a, b = torch.nn.Parameter(torch.randn(20, 5)), torch.nn.Parameter(torch.randn(7))
     a2, b2 = (torch.nn.Parameter(t.detach().clone()) for t in (a, b))
-    groups = lambda x, y: [{"params": [x], "weight_decay": 0.2}, {"params": [y], "lr": 1e-2}]
+    def groups(x, y):
+        return [{"params": [x], "weight_decay": 0.2}, {"params": [y], "lr": 1e-2}]
     opt = MicroAdam(groups(a, b), lr=1e-3, density=1.0, weight_decay=0.0, window_size=6)
     ref = torch.optim.AdamW(groups(a2, b2), lr=1e-3, weight_decay=0.0)
     sch = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 / (1 + s)) for o in (opt, ref)]
@@ -134,14 +137,7 @@ def test_param_dtypes_train_and_keep_dtype(dtype):
     torch.manual_seed(0)
     target = torch.randn(64, 16)
     w = torch.nn.Parameter(torch.zeros(64, 16, dtype=dtype))
-    opt = MicroAdam([w], lr=5e-2, density=0.25, window_size=5)
-    losses = []
-    for _ in range(60):
-        loss = ((w.float() - target) ** 2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit_losses(MicroAdam([w], lr=5e-2, density=0.25, window_size=5), w, target, 60)
     assert w.dtype == dtype and torch.isfinite(w.float()).all()
     assert losses[-1] < 0.5 * losses[0]
 
@@ -228,8 +224,9 @@ def _train(opt, params, steps, seed):
 
 def test_save_resume_bitwise_with_bf16_params_and_weights_only():
     torch.manual_seed(0)
-    make = lambda: [torch.nn.Parameter(torch.randn(300, 70).bfloat16()),
-                    torch.nn.Parameter(torch.randn(33).bfloat16())]
+    def make():
+        return [torch.nn.Parameter(torch.randn(300, 70).bfloat16()),
+                        torch.nn.Parameter(torch.randn(33).bfloat16())]
     params = make()
     opt = MicroAdam(params, lr=1e-3, weight_decay=0.01, window_size=4, density=0.05,
                     topk_block_size=4096, stochastic_rounding=True)
@@ -394,8 +391,10 @@ def test_alpha_densifies_with_the_error_buffer(wd):
 
 
 def test_alpha_through_optim_args():
-    from hf_compressed_optim import parse_optim_args
+    from hf_compressed_optim import MicroAdamConfig
 
-    assert parse_optim_args("microadam", "alpha=0.5")["alpha"] == 0.5
+    assert MicroAdamConfig.from_options({"alpha": "0.5"}, optim="microadam").alpha == 0.5
     with pytest.raises(ValueError, match="alpha"):
-        MicroAdam([torch.nn.Parameter(torch.zeros(3))], **parse_optim_args("microadam", "alpha=1"))
+        MicroAdamConfig.from_options({"alpha": "1"}, optim="microadam")
+    with pytest.raises(ValueError, match="alpha"):
+        MicroAdam([torch.nn.Parameter(torch.zeros(3))], alpha=1.0)

@@ -12,8 +12,8 @@ import torch
 
 import hf_compressed_optim as hco
 from hf_compressed_optim.integrations import transformers as hco_tf
-from hf_compressed_optim.optim_args import (
-    MICROADAM_SCHEMA, Option, OptimArgsSchema, get_schema, parse_bool, split_optim_args,
+from hf_compressed_optim.core.config import (
+    OptimizerConfig, option, parse_bool, split_optim_args,
 )
 
 transformers = pytest.importorskip("transformers")
@@ -219,25 +219,28 @@ def test_register_into_handler_table():
 
 
 # ---------------------------------------------------------------------- optim_args typing
+def _build(optim_args, base=None, config=hco.MicroAdamConfig, name="microadam"):
+    """Constructor kwargs as the Trainer handler builds them."""
+    return config.trainer_kwargs(name, hco_tf._optim_args_dict(optim_args), base or {})
+
+
 def test_optim_args_typed():
-    parsed = get_schema("microadam").parse(
+    parsed = _build(
         "window_size=20, density=0.02,quant_block_size=128,topk_block_size=4096,"
         "stochastic_rounding=Yes,seed=7,nonfinite=RAISE,beta1=0.8,beta2=0.95,eps=1e-7,"
         "weight_decay=0.01")
     assert parsed == {"window_size": 20, "density": 0.02, "quant_block_size": 128,
                       "topk_block_size": 4096, "stochastic_rounding": True, "seed": 7,
-                      "nonfinite": "raise", "beta1": 0.8, "beta2": 0.95, "eps": 1e-7,
+                      "nonfinite": "raise", "betas": (0.8, 0.95), "eps": 1e-7,
                       "weight_decay": 0.01}
     for key, typ in [("window_size", int), ("density", float), ("stochastic_rounding", bool),
                      ("seed", int), ("nonfinite", str), ("eps", float)]:
         assert type(parsed[key]) is typ, key
-    kwargs = MICROADAM_SCHEMA.build_kwargs("beta2=0.95,m=5,k_init=0.1",
-                                           {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8})
+    kwargs = _build("beta2=0.95,m=5,k_init=0.1", {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8})
     assert kwargs == {"lr": 1e-3, "betas": (0.9, 0.95), "eps": 1e-8, "window_size": 5,
                       "density": 0.1}
-    assert hco.parse_optim_args("microadam", None) == {}
-    assert hco.parse_optim_args("microadam", "") == {}
-    assert hco.parse_optim_args(OptimizerNames.MICROADAM, {"m": "3"}) == {"window_size": 3}
+    assert _build(None) == {} and _build("") == {}
+    assert _build({"m": "3"}) == {"window_size": 3}
     assert split_optim_args("a=1,,b=2,") == [("a", "1"), ("b", "2")]
 
 
@@ -247,8 +250,7 @@ def test_optim_args_typed():
 ])
 def test_bool_values(text, expected):
     assert parse_bool("k", text) is expected
-    assert MICROADAM_SCHEMA.parse(f"stochastic_rounding={text}") == \
-        {"stochastic_rounding": expected}
+    assert _build(f"stochastic_rounding={text}") == {"stochastic_rounding": expected}
 
 
 @pytest.mark.parametrize("optim_args,key,fragment", [
@@ -269,7 +271,7 @@ def test_bool_values(text, expected):
 ])
 def test_optim_args_parse_errors(optim_args, key, fragment):
     with pytest.raises(ValueError) as info:
-        MICROADAM_SCHEMA.build_kwargs(optim_args, {"lr": 1e-3})
+        _build(optim_args, {"lr": 1e-3})
     assert key in str(info.value) and fragment in str(info.value)
 
 
@@ -288,36 +290,63 @@ def test_optim_args_parse_errors(optim_args, key, fragment):
 ])
 def test_optim_args_range_errors_from_constructor(optim_args, key, fragment):
     with pytest.raises(ValueError) as info:
-        MICROADAM_SCHEMA.build_kwargs(optim_args, {"lr": 1e-3, "betas": (0.9, 0.999)})
+        _build(optim_args, {"lr": 1e-3, "betas": (0.9, 0.999)})
     msg = str(info.value)
     assert key in msg and fragment in msg, msg
 
 
 def test_unknown_key_lists_valid_choices():
     with pytest.raises(ValueError) as info:
-        MICROADAM_SCHEMA.parse("foo=1")
+        _build("foo=1")
     msg = str(info.value)
     for key in ("window_size", "density", "stochastic_rounding", "skip|raise", "beta1", "m",
                 "k_init"):
         assert key in msg
 
 
-def test_schema_extensible():
-    class Toy(torch.optim.SGD):
-        def __init__(self, params, lr=0.1, mode="a", rank=4):
-            if rank < 1:
-                raise ValueError(f"rank must be >= 1, got {rank}")
-            super().__init__(params, lr=lr)
+def test_config_declares_everything_once():
+    """A new optimizer's config gets constructor checks, optim_args parsing and the README table
+    from its one declaration."""
+    from dataclasses import dataclass
 
-    schema = OptimArgsSchema("toy", (Option("rank", "int"), Option("mode", "choice",
-                                                                   choices=("a", "b"))),
-                             optimizer_cls=lambda: Toy)
-    assert schema.build_kwargs("rank=8,mode=B", {"lr": 1.0}) == {"lr": 1.0, "rank": 8,
-                                                                  "mode": "b"}
-    with pytest.raises(ValueError, match="'rank'"):
-        schema.build_kwargs("rank=0")
-    with pytest.raises(ValueError, match="duplicate"):
-        OptimArgsSchema("bad", (Option("a", "int"), Option("b", "int", aliases=("a",))))
+    @dataclass(frozen=True)
+    class ToyConfig(OptimizerConfig):
+        lr: float = option(0.1, "step size", lo=0.0)
+        rank: int = option(4, "rank", lo=1, aliases=("r",))
+        mode: str = option("a", "mode", choices=("a", "b"))
+
+    assert _build("r=8,mode=B", {"lr": 1.0}, ToyConfig, "toy") == {"lr": 1.0, "rank": 8,
+                                                                   "mode": "b"}
+    with pytest.raises(ValueError, match="'rank'.*rank must be an integer in \\[1, inf\\]"):
+        _build("rank=0", None, ToyConfig, "toy")
+    with pytest.raises(ValueError, match="rank must be an integer in"):
+        ToyConfig(rank=0)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'foo'"):
+        ToyConfig.from_options({"foo": 1})
+    table = ToyConfig.markdown_table()
+    assert "| `rank`, `r` | `4` | int in [1, inf] | rank |" in table
+    assert "`a` / `b`" in table
+
+
+def test_readme_tables_match_the_configs():
+    """The README's option tables are generated from the configs (no third declaration)."""
+    import pathlib
+
+    import os
+    import re
+
+    path = pathlib.Path(__file__).parents[1] / "README.md"
+    readme = path.read_text()
+    for config in (hco.MicroAdamConfig, hco.ShampooConfig, hco.SparseMFACConfig,
+                   hco.SparseGGTConfig):
+        block = re.compile(rf"(<!-- options: {config.__name__} .*?-->\n).*?(<!-- end options -->)",
+                           re.S)
+        assert block.search(readme), config.__name__
+        if os.environ.get("HCO_WRITE_README") == "1":  # regenerate the tables
+            readme = block.sub(lambda m: m.group(1) + config.markdown_table() + "\n" + m.group(2),
+                               readme)
+            path.write_text(readme)
+        assert f"-->\n{config.markdown_table()}\n<!-- end options -->" in readme, config.__name__
 
 
 # ---------------------------------------------------------------------- the handler via Trainer
@@ -346,7 +375,7 @@ def test_handler_maps_training_arguments(tmp_path):
         assert group["window_size"] == 4 and type(group["window_size"]) is int
         assert group["density"] == 0.05
         assert group["stochastic_rounding"] is True
-    assert opt.nonfinite == "raise" and opt.seed == 3
+    assert opt.nonfinite == "raise" and opt.config.seed == 3
     n_params = sum(1 for p in trainer.model.parameters() if p.requires_grad)
     assert sum(len(g["params"]) for g in opt.param_groups) == n_params
 
@@ -502,7 +531,7 @@ def test_import_survives_failed_registration(monkeypatch):
     monkeypatch.delenv("HF_COMPRESSED_OPTIM_NO_REGISTER", raising=False)
     with pytest.warns(RuntimeWarning, match="optimizer_cls_and_kwargs"):
         importlib.reload(hco)
-    assert hco.MicroAdam is hco_tf.schema_handler("microadam")(
+    assert hco.MicroAdam is hco_tf.config_handler("microadam")(
         hco_tf.make_context(_Args("microadam")))[0]
     monkeypatch.setenv("HF_COMPRESSED_OPTIM_NO_REGISTER", "1")
     with warnings.catch_warnings():
@@ -526,5 +555,5 @@ def test_add_optimizer_registry(monkeypatch):
     assert Names.TOY_SGD in table and Names.MICROADAM in table
     assert table[Names.TOY_SGD](hco_tf.make_context(_Args("toy_sgd"))) == \
         (torch.optim.SGD, {"lr": 1e-3})
-    with pytest.raises(ValueError, match="schema"):
+    with pytest.raises(ValueError, match="registered"):
         hco_tf.add_optimizer("no_schema_here")

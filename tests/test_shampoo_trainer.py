@@ -15,7 +15,7 @@ from accelerate import Accelerator  # noqa: E402
 from transformers import Trainer  # noqa: E402
 
 from _hf_utils import (  # noqa: E402
-    tiny_lora_llama,
+    train_lora,
     inner_optimizer, lm_dataset, losses, mean, tiny_llama, token_ids, training_args,
 )
 
@@ -56,15 +56,9 @@ def test_full_finetune_loss_falls_and_reports_preconditioner_bytes(tmp_path, opt
 
 def test_lora_loss_falls(tmp_path):
     pytest.importorskip("peft")
-    model = tiny_lora_llama()
-    args = training_args(tmp_path, optim="shampoo_4bit", optim_args=FAST + ",min_quant_size=256",
-                         learning_rate=1e-2, max_steps=30)
-    trainer = Trainer(model=model, args=args, train_dataset=lm_dataset(64))
-    trainer.train()
-    loss = losses(trainer)
-    assert mean(loss[-5:]) < mean(loss[:5]) - 0.05, loss
-    opt = inner_optimizer(trainer.optimizer)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    _, opt, trainable = train_lora(tmp_path, 0.05, optim="shampoo_4bit",
+                                   optim_args=FAST + ",min_quant_size=256", learning_rate=1e-2,
+                                   max_steps=30)
     assert set(opt.state) == set(trainable)
     # LoRA A (8 x 32) and B (32 x 8): 32-order factors quantized with min_quant_size=256
     assert all(s["eigvec_codes"].numel() > 0 for s in opt.state.values())

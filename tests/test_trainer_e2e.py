@@ -16,7 +16,7 @@ from accelerate.optimizer import AcceleratedOptimizer  # noqa: E402
 from transformers import Trainer, TrainerCallback  # noqa: E402
 
 from _hf_utils import (  # noqa: E402
-    tiny_lora_llama,
+    train_lora,
     mean,
     MICROADAM_STATE_DTYPES, inner_optimizer, lm_dataset, losses, state_dtype_errors, tiny_llama,
     token_ids, training_args,
@@ -83,18 +83,10 @@ def test_full_finetune_loss_falls_and_memory_metrics(tmp_path):
 # ---------------------------------------------------------------------- LoRA
 def test_lora_loss_falls_and_state_dtypes(tmp_path):
     pytest.importorskip("peft")
-    model = tiny_lora_llama()
-    args = training_args(tmp_path, optim="microadam", optim_args="density=0.05",
-                         learning_rate=1e-2, max_steps=40)
-    trainer = Trainer(model=model, args=args, train_dataset=lm_dataset(64))
-    trainer.train()
-
-    loss = losses(trainer)
-    assert mean(loss[-5:]) < mean(loss[:5]) - 0.08, loss
-
-    opt = inner_optimizer(trainer.optimizer)
+    trainer, opt, trainable = train_lora(tmp_path, 0.08, optim="microadam",
+                                         optim_args="density=0.05", learning_rate=1e-2,
+                                         max_steps=40)
     assert type(opt) is hco.MicroAdam
-    trainable = [p for p in model.parameters() if p.requires_grad]
     assert len(trainable) == 28 and all(p.dtype == torch.float32 for p in trainable)
     # Trainer's groups: every LoRA weight decays, the no-decay group is empty (tolerated)
     assert [len(g["params"]) for g in opt.param_groups] == [28, 0]
@@ -104,7 +96,7 @@ def test_lora_loss_falls_and_state_dtypes(tmp_path):
         for key, dtype in MICROADAM_STATE_DTYPES.items():
             assert state[key].dtype == dtype
     # frozen base weights never got state and did not move
-    assert not any(p in opt.state for p in model.parameters() if not p.requires_grad)
+    assert not any(p in opt.state for p in trainer.model.parameters() if not p.requires_grad)
 
 
 # ---------------------------------------------------------------------- resume exactness

@@ -15,12 +15,14 @@ Three ways to use the optimizers of this package with ``Trainer``:
 
 In every route ``learning_rate`` becomes ``lr``, ``adam_beta1``/``adam_beta2``/``adam_epsilon``
 become ``betas``/``eps`` and ``optim_args`` is parsed into real Python types
-(:mod:`hf_compressed_optim.optim_args`). Weight decay is left to Trainer's decay/no-decay
+(each optimizer's typed ``Config``, :mod:`hf_compressed_optim.core.config`). Weight decay is
+left to Trainer's decay/no-decay
 parameter groups, which carry ``args.weight_decay`` and ``0.0``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import threading
@@ -29,11 +31,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..optim_args import SCHEMAS, get_schema, parse_bool, split_optim_args
+from ..core.config import parse_bool, split_optim_args
+from ..core.registry import OPTIMIZERS
 
 __all__ = [
     "HANDLERS", "CompressedTrainerMixin", "OptimizerContext", "RegistrationError",
-    "add_optimizer", "is_registered", "optimizer_cls_and_kwargs", "register", "schema_handler",
+    "add_optimizer", "config_handler", "is_registered", "optimizer_cls_and_kwargs", "register",
 ]
 
 #: marks our dispatch wrapper of ``Trainer.get_optimizer_cls_and_kwargs`` (transformers < 5.2)
@@ -96,15 +99,6 @@ def make_context(args, model=None) -> OptimizerContext:
     )
 
 
-def _accepted_kwargs(cls) -> set[str] | None:
-    """Keyword names ``cls`` accepts, or None when it takes ``**kwargs``."""
-    params = inspect.signature(cls.__init__).parameters.values()
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return None
-    return {p.name for p in params
-            if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
-
-
 #: the optim_args key, common to every optimizer, that shards the state over DDP ranks (ZeRO-1)
 SHARD_STATE_KEY = "shard_state"
 
@@ -128,43 +122,32 @@ def sharded_if_distributed(cls):
         warnings.warn(f"optim_args {SHARD_STATE_KEY}=true has no effect in a single process; "
                       f"using plain {cls.__name__}", UserWarning, stacklevel=3)
         return cls
-    from ..zero_sharding import sharded
+    from ..engines.zero import sharded
 
     return sharded(cls)
 
 
-def schema_handler(name: str) -> Handler:
-    """The generic handler of an optimizer described by an ``optim_args`` schema.
-
-    lr from ``ctx.optimizer_kwargs``, betas/eps from ``ctx.adam_kwargs`` (only those the class
-    accepts), then the typed ``optim_args`` on top (``beta1=...`` overrides ``adam_beta1``).
-    The result is range-checked by the optimizer's constructor before Trainer uses it.
-    """
-    schema = get_schema(name)
-    if schema.optimizer_cls is None:
-        raise ValueError(f"the optim_args schema of {schema.optimizer!r} names no optimizer class")
+def config_handler(name: str) -> Handler:
+    """The handler of a registered name: Trainer's ``lr`` and the Adam arguments the optimizer's
+    ``Config`` takes (``TRAINER_ADAM_ARGS``), then the typed ``optim_args`` on top
+    (``beta1=...`` overrides ``adam_beta1``), all checked before Trainer uses them."""
+    cls = OPTIMIZERS[name]
 
     def handler(ctx) -> tuple[type, dict[str, Any]]:
-        cls = schema.optimizer_cls()
-        accepted = _accepted_kwargs(cls)
-        base = {**dict(ctx.optimizer_kwargs), **dict(ctx.adam_kwargs)}
-        if accepted is not None:
-            base = {k: v for k, v in base.items() if k in accepted}
+        config = cls.Config
+        adam = {k: v for k, v in dict(ctx.adam_kwargs).items() if k in config.TRAINER_ADAM_ARGS}
         optim_args, shard = pop_shard_state(ctx.optim_args)
-        kwargs = schema.build_kwargs(optim_args, base)
+        kwargs = config.trainer_kwargs(name, optim_args, {**dict(ctx.optimizer_kwargs), **adam})
         if optim_args and "weight_decay" in optim_args:
             warnings.warn(
-                f"optim_args weight_decay for {schema.optimizer!r} only sets the default of "
+                f"optim_args weight_decay for {name!r} only sets the default of "
                 "parameter groups without their own weight_decay; Trainer's groups carry "
                 "args.weight_decay (decay group) and 0.0 (no-decay group). Set "
                 "--weight_decay / TrainingArguments(weight_decay=...) instead.", UserWarning,
                 stacklevel=2)
-        if shard:
-            return sharded_if_distributed(cls), kwargs
-        return cls, kwargs
+        return (sharded_if_distributed(cls) if shard else cls), kwargs
 
-    handler.__name__ = f"_get_{schema.optimizer}"
-    handler.__qualname__ = handler.__name__
+    handler.__name__ = handler.__qualname__ = f"_get_{name}"
     return handler
 
 
@@ -172,51 +155,30 @@ _LOCK = threading.RLock()
 _REGISTERED: set[str] = set()  # names registered with transformers by register()
 _DISPATCHERS: dict[str, Handler] = {}
 
-#: optimizer name -> handler(ctx) -> (optimizer class or factory, kwargs).
-#: Later optimizers add themselves with :func:`add_optimizer`.
+#: optimizer name -> handler(ctx) -> (optimizer class or factory, kwargs)
 HANDLERS: dict[str, Handler] = {}
 
 
 def add_optimizer(name: str, handler: Handler | None = None) -> None:
-    """Declare an ``optim`` name. ``handler`` defaults to :func:`schema_handler` (needs a schema).
+    """Declare an ``optim`` name with its handler (default: :func:`config_handler` of the class
+    registered with :func:`hf_compressed_optim.core.registry.register_optimizer`).
 
     If registration with transformers already happened, the new name is registered at once.
     """
     key = optim_name(name)
     if handler is None:
-        if key not in SCHEMAS:
-            raise ValueError(f"no optim_args schema for {key!r}; pass a handler or register a "
-                             "schema first (hf_compressed_optim.optim_args.register_schema)")
-        handler = schema_handler(key)
+        if key not in OPTIMIZERS:
+            raise ValueError(f"no optimizer registered as {key!r}; pass a handler or call "
+                             "hf_compressed_optim.core.registry.register_optimizer first")
+        handler = config_handler(key)
     HANDLERS[key] = handler
     if _REGISTERED:
         register([key])
 
 
-add_optimizer("microadam")
-# ---- shampoo names (issue #3) ----
-add_optimizer("shampoo_4bit")
-add_optimizer("shampoo_32bit")
-# ---- end shampoo names ----
-# ---- efcp names (issue #4) ----
-def _efcp_handler(name: str) -> Handler:
-    """The schema handler without Trainer's Adam arguments: ``adam_epsilon`` (1e-8) is not
-    SparseGGT's ``eps`` (1e-5 by default, and ``lr / eps`` is its step off the window's span),
-    so ``eps`` comes from ``optim_args`` only."""
-    inner = schema_handler(name)
-
-    def handler(ctx):
-        return inner(OptimizerContext(args=ctx.args, model=getattr(ctx, "model", None),
-                                      optimizer_kwargs=dict(ctx.optimizer_kwargs),
-                                      adam_kwargs={}, optim_args=ctx.optim_args))
-
-    handler.__name__ = handler.__qualname__ = f"_get_{name}"
-    return handler
-
-
-for _efcp_name in ("efcp_mfac", "efcp", "efcp_ggt"):
-    add_optimizer(_efcp_name, _efcp_handler(_efcp_name))
-# ---- end efcp names ----
+def on_new_optimizer(name: str) -> None:
+    """Called by ``register_optimizer``: the name gets the default handler."""
+    add_optimizer(name)
 
 
 # ---------------------------------------------------------------------- registration shim
@@ -374,7 +336,7 @@ def register(names=None) -> list:
                                     + PATCH_FREE_HINT) from err
     members = register_into(enum_cls, handlers_dict, trainer_cls, names)
     _REGISTERED.update(m._value_ for m in members)
-    from ..zero_sharding import install_default_callback
+    from ..engines.zero import install_default_callback
 
     install_default_callback()  # consolidates sharded state before Trainer checkpoints
     return members
@@ -405,23 +367,17 @@ def optimizer_cls_and_kwargs(name, training_args, **overrides) -> tuple[type, di
     if handler is None:
         raise ValueError(f"unknown optimizer {key!r}; known: {sorted(HANDLERS)}")
     cls, kwargs = handler(make_context(training_args))
-    kwargs = dict(kwargs)
-    accepted = _accepted_kwargs(cls) if isinstance(cls, type) else None
-    if "weight_decay" not in kwargs and (accepted is None or "weight_decay" in accepted):
-        kwargs["weight_decay"] = training_args.weight_decay
-    schema = SCHEMAS.get(key)
-    typed = {k: v for k, v in overrides.items() if schema is not None and schema.option(k)}
-    plain = {k: v for k, v in overrides.items() if k not in typed}
-    if accepted is not None:
-        bad = sorted(k for k in plain if k not in accepted)
-        if bad:
-            raise ValueError(f"unknown argument(s) {bad} for optimizer {key!r}; valid "
-                             f"optim_args keys: {schema.keys if schema else []}, constructor "
-                             f"keywords: {sorted(accepted - {'self', 'params'})}")
-    kwargs.update(plain)
-    if schema is not None:  # typed overrides on top, then one range check of the result
-        kwargs = schema.build_kwargs(typed, kwargs)
-    return cls, kwargs
+    config = getattr(OPTIMIZERS.get(key), "Config", None)
+    if config is None:  # a custom handler: its kwargs, the overrides on top
+        return cls, {**kwargs, **overrides}
+    names = {f.name for f in dataclasses.fields(config)}
+    if "weight_decay" not in kwargs and "weight_decay" in names:
+        kwargs = {**kwargs, "weight_decay": training_args.weight_decay}
+    bad = sorted(k for k in overrides if k not in config.spellings())
+    if bad:
+        raise ValueError(f"unknown argument(s) {bad} for optimizer {key!r}; valid keys: "
+                         f"{config.describe_keys()}")
+    return cls, config.trainer_kwargs(key, overrides, kwargs)
 
 
 class _CooperativeStaticMethod:
@@ -478,13 +434,13 @@ class CompressedTrainerMixin:
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        from ..zero_sharding import ConsolidateOnSaveCallback
+        from ..engines.zero import ConsolidateOnSaveCallback
 
         if not any(isinstance(cb, ConsolidateOnSaveCallback)
                    for cb in self.callback_handler.callbacks):
             self.add_callback(ConsolidateOnSaveCallback)
         if self.memory_callback:
-            from ..callbacks import add_memory_callback
+            from .callbacks import add_memory_callback
 
             add_memory_callback(self)
 

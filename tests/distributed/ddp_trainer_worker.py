@@ -23,10 +23,10 @@ sys.path[:0] = [HERE, os.path.dirname(HERE)]
 import hf_compressed_optim  # noqa: E402,F401  (registers the optim names)
 from _hf_utils import lm_dataset, tiny_llama, training_args  # noqa: E402
 from _worker_common import finish, start_watchdog  # noqa: E402
-from hf_compressed_optim.memory import (  # noqa: E402
+from hf_compressed_optim.core.memory import (  # noqa: E402
     optimizer_state_bytes, state_holder, unwrap_optimizer,
 )
-from hf_compressed_optim.zero_sharding import find_zero_optimizer  # noqa: E402
+from hf_compressed_optim.engines.zero import find_zero_optimizer  # noqa: E402
 
 
 def _gather_ints(value: int) -> list[int]:

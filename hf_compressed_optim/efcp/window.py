@@ -29,14 +29,13 @@ from __future__ import annotations
 
 import torch
 
-from . import kernels as K
-from . import lowrank_compressor as LR
-from .kernels import TopKLayout
+from .. import kernels as K
+from . import lowrank as LR
+from ..kernels import TopKLayout
 
 TOPK_KEYS = ("window_indices", "window_values")
 LOWRANK_KEYS = ("window_left", "window_right", "lowrank_q")
 VALUE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-EF_BITS = (4, 16, 32)
 
 
 # ---------------------------------------------------------------------------- global state

@@ -13,7 +13,7 @@ import warnings
 
 from transformers import TrainerCallback
 
-from .memory import optimizer_memory_report
+from ..core.memory import optimizer_memory_report
 
 __all__ = ["OptimizerMemoryCallback", "add_memory_callback"]
 

@@ -12,7 +12,8 @@ uint8 DTensor, placed ``Shard(0)`` on the mesh dimensions that shard the paramet
 (``Replicate()`` on the others), where ``capacity`` is the byte size the state has for the largest
 local block. A rank uses the first bytes of its row, viewed in the state's dtype and local shape:
 no copy, and the kernels see an ordinary contiguous tensor. Bytes, because collectives do not
-support every dtype (neither gloo nor NCCL all-gathers int16, which the top-k indices use). DCP save / load, resharding-free resume and the full (gathered) state dict then
+support every dtype (neither gloo nor NCCL all-gathers int16, which the top-k indices use). DCP
+save / load, resharding-free resume and the full (gathered) state dict then
 work like for any DTensor state.
 """
 

@@ -22,60 +22,18 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from . import efcp_window as W
-from .kernels import MAX_INT16_BLOCK
-from .optimizer_base import CompressedOptimizer, as_float, local_tensor
-from .sharded_state import is_sharded
-from .validation import check_choice, check_float, check_int, check_lr
-
-WD_MODES = ("decoupled_lr_scaled", "decoupled_unscaled", "l2")
-COMPRESSORS = ("topk", "lowrank")
-#: the largest window: the m x m algebra is O(m^3) per step, and the Triton SP kernel puts the
-#: window rows on the second grid axis (at most 65535)
-MAX_WINDOW = 8192
-DEFAULT_TOPK_BLOCK = 16384
-
-
-def common_defaults(*, lr, window_size, density, weight_decay, momentum, compressor, rank,
-                    ef_bits, value_dtype, wd_mode, topk_block_size, quant_block_size,
-                    m=None, k_init=None) -> dict:
-    """Validated hyperparameters both optimizers share (ValueErrors name the argument).
-
-    ``m`` and ``k_init`` are the reference implementation's names of ``window_size`` and
-    ``density``; given, they win.
-    """
-    if m is not None:
-        window_size = m
-    if k_init is not None:
-        density = k_init
-    check_lr(lr)
-    if isinstance(ef_bits, bool) or ef_bits not in W.EF_BITS:
-        raise ValueError(f"ef_bits must be one of {list(W.EF_BITS)} (32: fp32 error buffer, 16: "
-                         f"bf16, 4: the 4-bit block quantizer), got {ef_bits!r}")
-    quant_block_size = check_int("quant_block_size", quant_block_size, 2, 1 << 20)
-    if quant_block_size % 2:
-        raise ValueError("quant_block_size must be an even integer in [2, 1048576] (two 4-bit "
-                         f"codes share a byte), got {quant_block_size}")
-    return dict(
-        lr=lr,
-        window_size=check_int("window_size", window_size, 1, MAX_WINDOW),
-        density=check_float("density", density, 0.0, 1.0, lo_open=True),
-        weight_decay=check_float("weight_decay", weight_decay, 0.0),
-        momentum=check_float("momentum", momentum, 0.0, 1.0, hi_open=True),
-        compressor=check_choice("compressor", compressor, COMPRESSORS),
-        rank=check_int("rank", rank, 1, 1024),
-        ef_bits=int(ef_bits),
-        value_dtype=check_choice("value_dtype", value_dtype, tuple(W.VALUE_DTYPES)),
-        wd_mode=check_choice("wd_mode", wd_mode, WD_MODES),
-        topk_block_size=check_int("topk_block_size", topk_block_size, 1, MAX_INT16_BLOCK),
-        quant_block_size=quant_block_size,
-    )
+from ..core.optimizer import CompressedOptimizer, Job, as_float, local_tensor
+from ..engines.fsdp2 import is_sharded
+from . import window as W
+from .config import EFCPConfig
 
 
 class EFCPOptimizer(CompressedOptimizer):
     """Base class; subclasses implement :meth:`_coefficients` (the m x m part of the
     preconditioner)."""
 
+    Config = EFCPConfig
+    GLOBAL_STEP = True
     STATE_CATEGORIES = {
         "window_indices": "window", "window_values": "window",
         "window_left": "window", "window_right": "window", "lowrank_q": "window",
@@ -88,56 +46,9 @@ class EFCPOptimizer(CompressedOptimizer):
     #: hyperparameters of the one global preconditioner: equal in every group
     GLOBAL_HPARAMS: tuple[str, ...] = ("window_size",)
 
-    def __init__(self, params, defaults: dict, seed: int = 0, nonfinite: str = "skip"):
-        self.seed = check_int("seed", seed, 0, (1 << 62) - 1)
-        super().__init__(params, defaults, nonfinite=nonfinite)
-
-    # ------------------------------------------------------------------ hooks
-    def _reduce_group(self):
-        """The process group whose ranks hold the other parts of the parameters, or None.
-
-        ZeRO-1 (``shard_state``): the partition group set by ``ZeroShardedOptimizer``. FSDP2:
-        the mesh dimension that shards the parameters (the default group for several).
-        """
-        group = getattr(self, "_partition_group", None)
-        if group is not None:
-            return group
-        for g in self.param_groups:
-            for p in g["params"]:
-                if is_sharded(p):
-                    dims = [i for i, pl in enumerate(p.placements) if pl.is_shard()]
-                    return p.device_mesh.get_group(dims[0]) if len(dims) == 1 else \
-                        dist.group.WORLD
-        return None
-
-    def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum of ``tensor`` over the ranks holding other parts of the parameters.
-
-        The global inner products (the new Gram row, ``G x``: O(m) numbers, never O(d)) are sums
-        over parameters; with sharded parameters (FSDP2) or partitioned state (ZeRO-1) each rank
-        sums its part and this all-reduce completes them, so every rank solves the same m x m
-        problem as one process would.
-        """
-        group = self._reduce_group()
-        if group is not None:
-            dist.all_reduce(tensor, group=group)
-        return tensor
-
-    def _all_finite(self, flags: list[bool]) -> bool:
-        """All gradients finite on every rank (a skipped step must be skipped everywhere)."""
-        ok = all(flags)
-        if getattr(self, "_partition_group", None) is not None:
-            t = torch.tensor([int(ok)], dtype=torch.int32, device=self._device())
-            dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self._partition_group)
-            ok = bool(t.item())
-        return ok
-
-    def _device(self) -> torch.device:
-        anchor = self._anchor()
-        return local_tensor(anchor).device if anchor is not None else torch.device("cpu")
-
-    def _init_state(self, state: dict, p: torch.Tensor, group: dict, seed: int = 0) -> None:
-        W.init_param_state(state, p, group, group["window_size"], seed)
+    def _init_state(self, state: dict, p: torch.Tensor, group: dict, index: int = 0) -> None:
+        W.init_param_state(state, p, group, group["window_size"],
+                           self.config.seed * 1_000_003 + index)
 
     def _coefficients(self, gram: torch.Tensor, slot: int, gy: torch.Tensor,
                       count: int) -> tuple[float, torch.Tensor]:
@@ -164,51 +75,53 @@ class EFCPOptimizer(CompressedOptimizer):
                         f"has one global preconditioner), got {first[key]!r} and {group[key]!r}")
 
     # ------------------------------------------------------------------ step
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = self._run_closure(closure)
+    def _accept_step(self, work: list, flags: list[bool]) -> bool:
+        """Whether the step runs: all gradients finite on every rank (the preconditioner is
+        global, so a skipped step is skipped everywhere and nothing enters the window)."""
         anchor = self._anchor()
         if anchor is None:
-            return loss
+            return False
         self._check_global_hparams()
-        work = self._grad_work()  # (index, group, param, local grad)
-        with_grad = {id(p) for _, _, p, _ in work}
-        # params with state but no gradient this step (they write a zero slice)
-        idle = [p for g in self.param_groups for p in g["params"]
-                if id(p) not in with_grad and self.state.get(p) and "step" in self.state[p]]
-        if not work and self._reduce_group() is None:
-            return loss
-        for _, group, p, _ in work:
-            if group["compressor"] == "lowrank" and is_sharded(p):
+        group = self.engine.reduce_group
+        if not work and group is None:
+            return False
+        for _, g, p, _ in work:
+            if g["compressor"] == "lowrank" and is_sharded(p):
                 raise NotImplementedError(
                     f"{type(self).__name__}(compressor='lowrank') does not support sharded "
                     "DTensor (FSDP2) parameters: a low-rank factor of each rank's rows is not "
                     "the low-rank factor of the matrix. Use compressor='topk' under FSDP2.")
         astate = self.state[anchor]
-        window_size = self.param_groups[0]["window_size"]
         if not W.has_global_state(astate):
-            W.init_global_state(astate, window_size, local_tensor(anchor).device)
-        flags = self._finite_flags([w[3] for w in work], [w[2] for w in work])
-        if not self._all_finite(flags):
+            W.init_global_state(astate, self.param_groups[0]["window_size"],
+                                local_tensor(anchor).device)
+        ok = all(flags)
+        if group is not None:
+            t = torch.tensor([int(ok)], dtype=torch.int32, device=local_tensor(anchor).device)
+            ok = bool(self._all_reduce(t, dist.ReduceOp.MIN).item())
+        if not ok:
             astate["nonfinite_skips"] += 1
-            bad = [f"param {i} {tuple(p.shape)}" for (i, _, p, _), ok in zip(work, flags)
-                   if not ok] or ["on another rank"]
+            bad = [f"param {i} {tuple(p.shape)}" for (i, _, p, _), good in zip(work, flags)
+                   if not good] or ["on another rank"]
             self._on_nonfinite([f"all {len(work)} (global preconditioner; non-finite: "
                                 f"{', '.join(bad[:4])})"])
-            return loss
-        for index, group, p, _ in work:
-            state = self.state[p]
-            if "step" not in state:
-                self._create_state(state, p, group, seed=self.seed * 1_000_003 + index)
-        count = int(astate["window_count"])
-        if count == 0 and self._is_template_step((g, grad) for _, g, _, grad in work):
-            return loss
-        views = {id(p): self._local_state(p, self.state[p])
-                 for p in [w[2] for w in work] + idle}  # FSDP2: this rank's part of packed state
-        self._update(work, idle, astate, count, views)
-        return loss
+        return ok
 
-    def _update(self, work, idle, astate, count: int, views: dict) -> None:
+    def _update(self, jobs: list[Job]) -> None:
+        astate = self.state[self._anchor()]
+        count = int(astate["window_count"])
+        if count == 0 and self._is_template_step((j.group, j.grad) for j in jobs):
+            return
+        with_grad = {id(j.param) for j in jobs}
+        # params with state but no gradient this step (they write a zero slice)
+        idle = [p for g in self.param_groups for p in g["params"]
+                if id(p) not in with_grad and self.state.get(p) and "step" in self.state[p]]
+        views = {id(j.param): j.state for j in jobs}  # FSDP2: this rank's part of packed state
+        views.update({id(p): self._local_state(p, self.state[p]) for p in idle})
+        work = [(j.index, j.group, j.param, j.grad) for j in jobs]
+        self._update_window(work, idle, astate, count, views)
+
+    def _update_window(self, work, idle, astate, count: int, views: dict) -> None:
         gram = astate["gram"]
         m = gram.shape[0]
         slot = count % m

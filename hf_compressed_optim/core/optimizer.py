@@ -1,25 +1,31 @@
-"""Machinery every optimizer of this package shares (the "HF-safe optimizer contract").
+"""The step template and the state contract every optimizer of this package shares.
 
+* :meth:`CompressedOptimizer.step` is the one step loop: gradient collection, one finite check
+  for all gradients, lazy state creation, then the subclass's :meth:`~CompressedOptimizer._update`
+  hook with the parameters to update. Subclasses write only the math.
 * ``load_state_dict`` keeps integer, packed and bf16 state exactly: torch's loader casts every
   state tensor to the parameter's dtype, which corrupts int16 indices and inflates uint8 codes
   (and turns string entries into the text of a generator).
-* Non-finite gradients are detected for all parameters with one host synchronisation per step and
-  never reach the state: the parameter is skipped (counted, warned) or an error is raised.
-* DTensor parameters (FSDP2) are handled on their local shards.
+* Non-finite gradients never reach the state: the parameter is skipped (counted, warned) or an
+  error is raised; optimizers with one global preconditioner (``GLOBAL_STEP``) skip the step.
+* The engine that distributes the parameters (:mod:`hf_compressed_optim.engines`) is consulted
+  here only: DTensor (FSDP2) state is packed for distributed checkpoints, global sums run over
+  the engine's reduce group, flat partitions are refused where matrix shapes are needed.
 """
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from itertools import chain
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
 
-from .sharded_state import is_sharded, local_view, pack, possible_local_shapes
-from .validation import check_choice
-
-NONFINITE_POLICIES = ("skip", "raise")
+from ..engines import Engine, engine_of
+from ..engines.fsdp2 import is_sharded, local_view, pack, possible_local_shapes
+from .config import OptimizerConfig
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -28,39 +34,77 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return to_local() if callable(to_local) else t
 
 
-def as_float(value) -> float:
+def as_float(value: Any) -> float:
     """A group's ``lr``/``weight_decay`` as a Python float (tensors allowed)."""
     return float(value.item()) if torch.is_tensor(value) else float(value)
 
 
+@dataclass
+class Job:
+    """One parameter to update in this step."""
+
+    index: int              # position among all parameters (seeds per-parameter randomness)
+    group: dict
+    param: torch.Tensor     # as the optimizer holds it (DTensor under FSDP2)
+    grad: torch.Tensor      # local tensor
+    state: dict             # this rank's view of the state (packed entries unpacked)
+    fresh: bool             # state created in this step
+
+    @property
+    def local(self) -> torch.Tensor:
+        return local_tensor(self.param)
+
+
 class CompressedOptimizer(torch.optim.Optimizer):
-    """Base class: dtype-preserving checkpoints and the non-finite gradient policy."""
+    """Base class: the step template, lazy state, dtype-preserving checkpoints, the non-finite
+    policy. Subclasses set ``Config`` and implement :meth:`_init_state` and :meth:`_update`."""
 
+    #: the typed options (constructor keywords, ``optim_args``, README table)
+    Config: ClassVar[type[OptimizerConfig]] = OptimizerConfig
     #: maps a state key to the category the memory report shows it under
-    STATE_CATEGORIES: dict[str, str] = {}
+    STATE_CATEGORIES: ClassVar[dict[str, str]] = {}
+    #: one preconditioner over all parameters: a non-finite gradient skips the whole step
+    GLOBAL_STEP: ClassVar[bool] = False
+    #: needs each parameter's matrix shape (refuses the flat partitions of FSDP1 / DeepSpeed)
+    NEEDS_MATRIX_SHAPES: ClassVar[bool] = False
 
-    def __init__(self, params, defaults: dict, nonfinite: str = "skip"):
-        self.nonfinite = check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
-        super().__init__(params, defaults)
+    def __init__(self, params, config: OptimizerConfig | None = None, **options: Any):
+        if config is None:
+            config = self.Config.from_options(options)
+        elif options:
+            config = self.Config.from_options({**config.__dict__, **options})
+        if not isinstance(config, self.Config):
+            raise TypeError(f"config must be a {self.Config.__name__}, got {type(config).__name__}")
+        self.config = config
+        super().__init__(params, config.group_defaults())
+
+    @property
+    def nonfinite(self) -> str:
+        return self.config.nonfinite
+
+    @property
+    def engine(self) -> Engine:
+        return engine_of(self)
 
     # -------------------------------------------------------------- state creation
-    def _init_state(self, state: dict, p: torch.Tensor, group: dict) -> None:
-        """Fill ``state`` for the (local) tensor ``p``. Must also work on a meta tensor."""
+    def _init_state(self, state: dict, p: torch.Tensor, group: dict, index: int = 0) -> None:
+        """Fill ``state`` for the (local) tensor ``p`` (``index``: its position among all
+        parameters). Must also work on a meta tensor."""
         raise NotImplementedError
 
-    def _create_state(self, state: dict, p: torch.Tensor, group: dict, **init_kwargs) -> None:
+    def _create_state(self, state: dict, p: torch.Tensor, group: dict, index: int = 0) -> None:
         """``_init_state`` on p's local tensor; for a sharded DTensor p (FSDP2) every state tensor
-        with dimensions is then packed as a DTensor (see :mod:`.sharded_state`) so distributed
-        checkpoints see each rank's state."""
+        with dimensions is then packed as a DTensor (see :mod:`hf_compressed_optim.engines.fsdp2`)
+        so distributed checkpoints see each rank's state."""
         local = local_tensor(p)
-        self._init_state(state, local, group, **init_kwargs)
+        self._init_state(state, local, group, index)
         if not is_sharded(p):
             return
         capacity: dict[str, tuple[int, torch.dtype]] = {}
         for shape in possible_local_shapes(p):
             probe: dict = {}
             self._init_state(probe, torch.empty(shape, dtype=local.dtype, device="meta"), group,
-                             **init_kwargs)
+                             index)
             for key, value in probe.items():
                 if torch.is_tensor(value) and value.dim() > 0:
                     nbytes = max(capacity.get(key, (0,))[0], value.numel() * value.itemsize)
@@ -122,6 +166,62 @@ class CompressedOptimizer(torch.optim.Optimizer):
                 if torch.is_tensor(incoming) and torch.is_tensor(current) and \
                         current.dtype != incoming.dtype:
                     loaded[name] = incoming.to(device=current.device)
+
+    # -------------------------------------------------------------- the step template
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Collect gradients, check them once, create state lazily, then :meth:`_update`."""
+        loss = self._run_closure(closure)
+        self._check_engine()
+        work = self._grad_work()
+        flags = self._finite_flags([w[3] for w in work], [w[2] for w in work])
+        if self.GLOBAL_STEP and not self._accept_step(work, flags):
+            return loss
+        jobs, skipped = [], []
+        for (index, group, p, grad), finite in zip(work, flags):
+            state = self.state[p]
+            fresh = "step" not in state
+            if fresh:
+                self._create_state(state, p, group, index)
+            if not finite:
+                state["nonfinite_skips"] += 1
+                skipped.append(f"param {index} {tuple(p.shape)}")
+                continue
+            if fresh and not self.GLOBAL_STEP and self._is_template_step([(group, grad)]):
+                continue
+            jobs.append(Job(index, group, p, grad, self._local_state(p, state), fresh))
+        self._update(jobs)
+        if skipped:
+            self._on_nonfinite(skipped)
+        return loss
+
+    def _update(self, jobs: list[Job]) -> None:
+        """The optimizer's math for this step's parameters (finite gradients, state created)."""
+        raise NotImplementedError
+
+    def _accept_step(self, work: list, flags: list[bool]) -> bool:
+        """``GLOBAL_STEP`` optimizers: whether this step runs at all (all gradients finite)."""
+        raise NotImplementedError
+
+    def _check_engine(self) -> None:
+        engine = self.engine
+        if self.NEEDS_MATRIX_SHAPES and engine.flat_partitions:
+            raise RuntimeError(
+                f"{type(self).__name__} cannot precondition the flat 1-D parameter partitions "
+                f"that {engine.name} hands the optimizer: the matrix structure its Kronecker "
+                "factors need is gone, so it would silently degrade to its first-order "
+                "optimizer. Use FSDP2 (fully_shard / accelerate fsdp_version: 2, which keeps "
+                "parameter shapes and shards rows), DDP (optionally with optim_args "
+                "shard_state=true), or a vector method (microadam, efcp_mfac) with FSDP1 / "
+                "DeepSpeed.")
+
+    def _all_reduce(self, tensor: torch.Tensor, op=None) -> torch.Tensor:
+        """``tensor`` summed (or ``op``) over the ranks holding the other parts of the
+        parameters (ZeRO-1 partitions, FSDP2 shards); unchanged in a single process or DDP."""
+        group = self.engine.reduce_group
+        if group is not None:
+            dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM, group=group)
+        return tensor
 
     # -------------------------------------------------------------- step helpers
     @staticmethod

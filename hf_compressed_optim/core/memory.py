@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from .optimizer_base import local_tensor
+from .optimizer import local_tensor
 
 
 def unwrap_optimizer(optimizer):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from .kernels.codebook import absmax_blocks, packed_cols
+from ..kernels.codebook import absmax_blocks, packed_cols
 
 #: flat state keys of quantized factors and of fp32 factors
 QUANT_KEYS = ("eigvec_codes", "eigvec_absmax", "eigvals", "root_diag", "root_codes",

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from .efcp_optimizer import DEFAULT_TOPK_BLOCK, EFCPOptimizer, common_defaults
-from .validation import check_float
+from .config import SparseGGTConfig
+from .optimizer import EFCPOptimizer
 
 #: relative eigenvalue cut-off of the r x r Gram matrix (times r)
 EIG_RTOL = 1e-13
@@ -33,28 +33,14 @@ EIG_RTOL = 1e-13
 class SparseGGT(EFCPOptimizer):
     """Sparse GGT with error feedback (Modoranu et al., ICML 2024).
 
-    Args are those of :class:`~hf_compressed_optim.SparseMFAC` except:
-        eps: epsilon > 0 of ``(eps I + (G^T G)^(1/2))^-1``; off the window's span the step is
-            ``lr / eps`` times the compressed gradient. Global (equal in every group).
-        window_size: number of compressed gradients r in the ring, in [1, 8192].
-    There is no normalisation by the window size, so nothing changes while the window fills
+    Options are those of :class:`SparseGGTConfig`: SparseMFAC's without ``damp`` and
+    ``fix_scaling``, with ``eps`` (global, like ``window_size``). There is no normalisation by
+    the window size, so nothing changes while the window fills
     (unwritten rows are zero and contribute nothing).
     """
 
+    Config = SparseGGTConfig
     GLOBAL_HPARAMS = ("window_size", "eps")
-
-    def __init__(self, params, lr=1e-3, eps=1e-5, window_size=100, density=0.01,
-                 weight_decay=0.0, momentum=0.0, compressor="topk", rank=4, ef_bits=32,
-                 value_dtype="bf16", wd_mode="decoupled_lr_scaled",
-                 topk_block_size=DEFAULT_TOPK_BLOCK, quant_block_size=64, seed=0,
-                 nonfinite="skip", *, m=None, k_init=None):
-        defaults = common_defaults(
-            lr=lr, window_size=window_size, density=density, weight_decay=weight_decay,
-            momentum=momentum, compressor=compressor, rank=rank, ef_bits=ef_bits,
-            value_dtype=value_dtype, wd_mode=wd_mode, topk_block_size=topk_block_size,
-            quant_block_size=quant_block_size, m=m, k_init=k_init)
-        defaults["eps"] = check_float("eps", eps, 0.0, lo_open=True)
-        super().__init__(params, defaults, seed=seed, nonfinite=nonfinite)
 
     def _coefficients(self, gram, slot, gy, count):
         eps = self.param_groups[0]["eps"]

@@ -15,7 +15,7 @@ ZeroRedundancyOptimizer` with the changes our optimizers and the Trainer need:
 With ``stochastic_rounding`` the rounding seeds depend on a parameter's position in its optimizer,
 which differs once the parameters are partitioned: sharded and unsharded runs then agree in
 distribution, not bit for bit (without it they agree exactly). EFCP's global inner products are
-summed over the ranks' partitions (the local optimizer learns the group as ``_partition_group``),
+summed over the ranks' partitions (the local optimizer's declared engine names the group),
 so its preconditioner is the unsharded one.
 """
 
@@ -28,7 +28,8 @@ import torch.distributed as dist
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from transformers import TrainerCallback
 
-from .memory import unwrap_optimizer
+from ..core.memory import unwrap_optimizer
+from . import Engine
 
 __all__ = ["ZeroShardedOptimizer", "sharded", "ConsolidateOnSaveCallback",
            "install_default_callback", "find_zero_optimizer"]
@@ -41,7 +42,7 @@ class ZeroShardedOptimizer(ZeroRedundancyOptimizer):
         super().__init__(params, optimizer_class=optimizer_class, process_group=process_group,
                          **defaults)
         # optimizers with global quantities (EFCP's inner products) sum them over this group
-        self.optim._partition_group = self.process_group
+        self.optim.declared_engine = Engine("ZeRO-1", reduce_group=self.process_group)
         self._steps_taken = 0
         self._loaded_state = False
         self._consolidated_at: int | None = None

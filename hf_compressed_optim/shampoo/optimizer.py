@@ -32,22 +32,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import kernels as K
-from .kernels.codebook import CODEBOOKS, absmax_blocks, packed_cols
+from .. import kernels as K
+from ..core.optimizer import CompressedOptimizer, Job, as_float
+from ..kernels.codebook import absmax_blocks, packed_cols
+from .blocks import FP32_KEYS, QUANT_KEYS, ParamLayout, group_indices, param_layout, split_blocks
+from .config import Shampoo32bitConfig, ShampooConfig
 from .matrix_functions import (
     bjorck, compose, eigen_inverse_root, eigh_inverse_root, finite_per_matrix,
     qr_subspace_refresh, robust_batched, schur_newton_inverse_root, symmetrize,
 )
-from .flat_partitions import flat_partition_engine
-from .optimizer_base import CompressedOptimizer, as_float, local_tensor
-from .shampoo_blocks import (
-    FP32_KEYS, QUANT_KEYS, ParamLayout, group_indices, param_layout, split_blocks,
-)
-from .validation import check_betas, check_choice, check_float, check_int, check_lr
 
-FIRST_ORDER = ("adamw", "sgd")
-INVERSE_ROOTS = ("eigen", "schur_newton")
-PRECOND_BITS = (4, 32)
 GRAFT_GUARD = 1e-12
 #: Checkpoints written before ``state["codebook"]`` existed end ``state["layout"]`` with an index
 #: into this order; frozen, so reordering or extending ``CODEBOOKS`` cannot change their meaning.
@@ -74,33 +68,15 @@ class _Job:
 class Shampoo(CompressedOptimizer):
     """Shampoo with 4-bit (or fp32) preconditioners feeding AdamW or SGD(M).
 
-    Args:
-        params: parameters or parameter groups (per-group ``lr``/``weight_decay`` honoured).
-        lr: learning rate (float or one-element tensor), >= 0.
-        betas, eps: AdamW's (first_order="adamw").
-        weight_decay: AdamW: decoupled ``p <- p (1 - lr wd)``; SGD: coupled ``d <- d + wd p``.
-        first_order: ``"adamw"`` or ``"sgd"`` (momentum, optional Nesterov, no dampening).
-        momentum, nesterov: SGD's.
-        precond_bits: 4 (eigenvector + off-diagonal root quantization) or 32 (baseline).
-        stat_update_interval: T1, steps between statistics updates (the gradient of that step).
-        root_update_interval: T2, steps between inverse-root refreshes. Preconditioners are the
-            identity until the first refresh, so steps before T2 are plain AdamW/SGD steps.
-        stat_decay: β of the statistics EMA; 1 accumulates ``A += G Gᵀ``.
-        matrix_eps: relative ridge, ``ε · λ_max`` is added before the inverse root.
-        max_order: largest block side.
-        quant_block_size: elements per absmax block along an eigenvector (even).
-        min_quant_size: factors with fewer than this many elements (n²) stay fp32.
-        codebook: ``"linear2"`` (paper) or ``"dynamic_tree"``.
-        rectify_iters: Björck steps (before the statistics update, before the inverse root).
-        inverse_root: ``"eigen"`` (from the eigendecomposition / eigh) or ``"schur_newton"``
-            (coupled Newton iteration, which the paper used for GPT-2 stability).
-        start_step: first step whose gradient is preconditioned.
-        nonfinite: ``"skip"`` (default: a parameter with an inf/NaN gradient is not updated and its
-            state, statistics included, is untouched) or ``"raise"``.
-        rectify_t1, rectify_t2: override one component of ``rectify_iters`` (the scalar
-            ``optim_args`` keys).
+    ``Shampoo(params, lr=1e-3, precond_bits=4, ...)`` or ``Shampoo(params, config)``: the
+    options, defaults and ranges are those of :class:`ShampooConfig` (also accepted: ``T1``/``T2``,
+    ``beta1``/``beta2``, ``rectify_t1``/``rectify_t2`` for one component of ``rectify_iters``).
+    Per-group ``lr``/``weight_decay`` are honoured. Rank <= 1 parameters get the first-order
+    update on the raw gradient.
     """
 
+    Config = ShampooConfig
+    NEEDS_MATRIX_SHAPES = True
     STATE_CATEGORIES = {
         **{k: "preconditioner" for k in QUANT_KEYS + FP32_KEYS},
         "exp_avg": "first_order", "exp_avg_sq": "first_order", "momentum_buffer": "first_order",
@@ -108,75 +84,12 @@ class Shampoo(CompressedOptimizer):
         "layout": "counters",
     }
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 first_order="adamw", momentum=0.9, nesterov=False, precond_bits=4,
-                 stat_update_interval=100, root_update_interval=500, stat_decay=0.95,
-                 matrix_eps=1e-6, max_order=1200, quant_block_size=64, min_quant_size=4096,
-                 codebook="linear2", rectify_iters=(1, 4), inverse_root="eigen", start_step=1,
-                 nonfinite="skip", *, rectify_t1=None, rectify_t2=None):
-        check_lr(lr)
-        betas = check_betas(betas)
-        eps = check_float("eps", eps, 0.0, lo_open=True)
-        weight_decay = check_float("weight_decay", weight_decay, 0.0)
-        first_order = check_choice("first_order", first_order, FIRST_ORDER)
-        momentum = check_float("momentum", momentum, 0.0, 1.0, hi_open=True)
-        if not isinstance(nesterov, bool):
-            raise ValueError(f"nesterov must be True or False, got {nesterov!r}")
-        if nesterov and momentum == 0.0:
-            raise ValueError("nesterov=True needs momentum in (0, 1), got momentum=0")
-        if isinstance(precond_bits, bool) or precond_bits not in PRECOND_BITS:
-            raise ValueError(f"precond_bits must be one of {list(PRECOND_BITS)}, got "
-                             f"{precond_bits!r}")
-        stat_update_interval = check_int("stat_update_interval", stat_update_interval, 1)
-        root_update_interval = check_int("root_update_interval", root_update_interval, 1)
-        stat_decay = check_float("stat_decay", stat_decay, 0.0, 1.0)
-        matrix_eps = check_float("matrix_eps", matrix_eps, 0.0, 1.0, lo_open=True)
-        max_order = check_int("max_order", max_order, 1, 1 << 16)
-        quant_block_size = check_int("quant_block_size", quant_block_size, 2, 1 << 16)
-        if quant_block_size % 2:
-            raise ValueError(f"quant_block_size must be an even integer in [2, 65536] (two 4-bit "
-                             f"codes share a byte), got {quant_block_size}")
-        min_quant_size = check_int("min_quant_size", min_quant_size, 0)
-        codebook = check_choice("codebook", codebook, CODEBOOKS)
-        if not isinstance(rectify_iters, (tuple, list)) or len(rectify_iters) != 2:
-            raise ValueError(f"rectify_iters must be a pair (t1, t2) of integers in [0, 100], got "
-                             f"{rectify_iters!r}")
-        rectify_iters = (check_int("rectify_iters[0]", rectify_iters[0], 0, 100),
-                         check_int("rectify_iters[1]", rectify_iters[1], 0, 100))
-        if rectify_t1 is not None:
-            rectify_iters = (check_int("rectify_t1", rectify_t1, 0, 100), rectify_iters[1])
-        if rectify_t2 is not None:
-            rectify_iters = (rectify_iters[0], check_int("rectify_t2", rectify_t2, 0, 100))
-        inverse_root = check_choice("inverse_root", inverse_root, INVERSE_ROOTS)
-        start_step = check_int("start_step", start_step, 1)
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                        first_order=first_order, momentum=momentum, nesterov=nesterov,
-                        precond_bits=precond_bits, stat_update_interval=stat_update_interval,
-                        root_update_interval=root_update_interval, stat_decay=stat_decay,
-                        matrix_eps=matrix_eps, max_order=max_order,
-                        quant_block_size=quant_block_size, min_quant_size=min_quant_size,
-                        codebook=codebook, rectify_iters=rectify_iters,
-                        inverse_root=inverse_root, start_step=start_step)
+    def __init__(self, params, config: ShampooConfig | None = None, **options):
         self._warned: set[str] = set()
-        super().__init__(params, defaults, nonfinite=nonfinite)
-
-    _engine_checked = False
-
-    def _check_engine(self) -> None:
-        """Shampoo needs each parameter's 2-D shape, which flat partitions have lost."""
-        engine = flat_partition_engine(self.param_groups)
-        if engine is not None:
-            raise RuntimeError(
-                f"Shampoo cannot precondition the flat 1-D parameter partitions that {engine} "
-                "hands the optimizer: the matrix structure Shampoo's Kronecker factors need is "
-                "gone, so it would silently degrade to its first-order optimizer. Use FSDP2 "
-                "(fully_shard / accelerate fsdp_version: 2, which keeps parameter shapes and "
-                "shards rows), DDP (optionally with optim_args shard_state=true), or a vector "
-                "method (microadam, efcp_mfac) with FSDP1 / DeepSpeed.")
-        self._engine_checked = True
+        super().__init__(params, config, **options)
 
     # ------------------------------------------------------------------ state
-    def _init_state(self, state: dict, p: torch.Tensor, group: dict) -> None:
+    def _init_state(self, state: dict, p: torch.Tensor, group: dict, index: int = 0) -> None:
         state["step"] = torch.zeros((), dtype=torch.int64)
         state["nonfinite_skips"] = torch.zeros((), dtype=torch.int64)
         if group["first_order"] == "adamw":
@@ -231,33 +144,16 @@ class Shampoo(CompressedOptimizer):
         return param_layout(tuple(p.shape), max_order, bits, min_q, block), name, block
 
     # ------------------------------------------------------------------ step
-    @torch.no_grad()
-    def step(self, closure=None):
-        if not self._engine_checked:
-            self._check_engine()
-        loss = self._run_closure(closure)
-        work = self._grad_work()
-        flags = self._finite_flags([w[3] for w in work], [w[2] for w in work])
-        skipped, jobs = [], []
-        for (index, group, p, grad), finite in zip(work, flags):
-            state = self.state[p]
-            pl = local_tensor(p)
-            fresh = not state
-            if fresh:
-                self._create_state(state, p, group)
-            state = self._local_state(p, state)  # FSDP2: views of this rank's packed state
-            if not finite:
-                state["nonfinite_skips"] += 1
-                skipped.append(f"param {index} {tuple(p.shape)}")
-                continue
-            if fresh and self._is_template_step([(group, grad)]):
-                continue
+    def _update(self, ready: list[Job]) -> None:
+        jobs = []
+        for job in ready:
+            state, pl = job.state, job.local
             t = int(state["step"]) + 1
             state["step"].fill_(t)
             if pl.numel() == 0:
                 continue
             layout, cb, block = self._param_layout(state, pl)
-            jobs.append(_Job(index, group, pl, grad, state, t, layout, cb, block))
+            jobs.append(_Job(job.index, job.group, pl, job.grad, state, t, layout, cb, block))
         shampoo_jobs = [j for j in jobs if j.layout is not None]
         if shampoo_jobs:
             self._update_statistics([j for j in shampoo_jobs
@@ -269,9 +165,6 @@ class Shampoo(CompressedOptimizer):
                                 and j.t >= j.group["root_update_interval"]])
         for job in jobs:
             self._first_order_update(job)
-        if skipped:
-            self._on_nonfinite(skipped)
-        return loss
 
     # ------------------------------------------------------------------ failures
     def _record_failures(self, owners: list[_Job], ok: torch.Tensor, what: str,
@@ -525,9 +418,4 @@ class Shampoo(CompressedOptimizer):
 class Shampoo32bit(Shampoo):
     """The paper's 32-bit Shampoo baseline: :class:`Shampoo` with ``precond_bits=32``."""
 
-    def __init__(self, params, **kwargs):
-        bits = kwargs.setdefault("precond_bits", 32)
-        if bits != 32:
-            raise ValueError(f"precond_bits must be 32 for Shampoo32bit (use Shampoo for 4-bit), "
-                             f"got {bits!r}")
-        super().__init__(params, **kwargs)
+    Config = Shampoo32bitConfig
