@@ -14,7 +14,8 @@ from .callbacks import OptimizerMemoryCallback, add_memory_callback
 from .integrations.transformers import (
     CompressedTrainerMixin, RegistrationError, optimizer_cls_and_kwargs, register,
 )
-from .memory import optimizer_memory_report, optimizer_state_bytes
+from .memory import (optimizer_memory_report, optimizer_state_bytes, trainable_parameter_count,
+                     unwrap_optimizer)
 from .microadam import MicroAdam
 # ---- shampoo exports (issue #3) ----
 from .shampoo import Shampoo, Shampoo32bit
@@ -25,6 +26,8 @@ from .sparse_mfac import SparseMFAC
 # ---- end efcp exports ----
 from .optim_args import parse_optim_args
 from .optimizer_base import CompressedOptimizer
+from .zero_sharding import find_zero_optimizer
+from . import offline_corpus
 
 __version__ = "0.1.0"
 
@@ -34,6 +37,7 @@ __all__ = [
     "SparseGGT", "SparseMFAC",
     "RegistrationError", "add_memory_callback", "kernels", "optimizer_cls_and_kwargs",
     "optimizer_memory_report", "optimizer_state_bytes", "parse_optim_args", "register",
+    "find_zero_optimizer", "offline_corpus", "trainable_parameter_count", "unwrap_optimizer",
     "__version__",
 ]
 
