@@ -64,7 +64,7 @@ def test_finetune_llama_lora_baseline(tmp_path):
 
 
 def test_benchmark_quick(tmp_path, keep_threads):
-    bench = load_recipe("benchmark_microadam")
+    bench = load_recipe("benchmarks.microadam")
     out = tmp_path / "bench.json"
     res = bench.main(["--quick", "--no-peers", "--json", str(out)])
     saved = json.loads(out.read_text())
@@ -109,7 +109,7 @@ def test_finetune_llama_resume_from_checkpoint_is_exact(tmp_path):
 def test_benchmark_shampoo_quick_convergence(tmp_path, keep_threads):
     """The 4-bit Shampoo deep dive runs end to end (it shares its training step with the
     side-by-side benchmark's convergence phase)."""
-    bench = load_recipe("benchmark_shampoo")
+    bench = load_recipe("benchmarks.shampoo")
     out = tmp_path / "shampoo.json"
     bench.main(["--part", "convergence", "--quick", "--json", str(out)])
     conv = json.loads(out.read_text())["convergence"]
