@@ -92,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelDataArguments, Train
 
 
 # ------------------------------------------------------------------------------------ model
-def build_model_and_tokenize(args: ModelDataArguments, seed: int):
+def build_model_and_tokenize(args: ModelDataArguments, seed: int) -> tuple:
     """(model, tokenize) where tokenize maps corpus text to token ids for this model."""
     if args.model_name_or_path:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -122,7 +122,7 @@ def build_model_and_tokenize(args: ModelDataArguments, seed: int):
     return LlamaForCausalLM(config), offline_corpus.encode
 
 
-def apply_lora(model, args: ModelDataArguments):
+def apply_lora(model: torch.nn.Module, args: ModelDataArguments) -> torch.nn.Module:
     """Wrap ``model`` with LoRA adapters on the attention projections."""
     from peft import LoraConfig, get_peft_model
 
