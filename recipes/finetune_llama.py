@@ -10,6 +10,11 @@ The project's main job: it exercises the whole user path (``optim="microadam"`` 
   (:mod:`hf_compressed_optim.offline_corpus`), byte-encoded and packed into ``--block_size``
   blocks; a pretrained model's own tokenizer is used when one is found next to it.
 
+Arguments: the model and data options below (:class:`ModelDataArguments`) plus every field of
+transformers' ``TrainingArguments`` (``--gradient_checkpointing``, ``--report_to``, ``--bf16``,
+``--save_steps``, ...), with this job's defaults set over TrainingArguments' own (``--help``
+shows them). ``--save_steps N`` alone saves every N steps (the default 0 saves nothing).
+
 Examples::
 
     python recipes/finetune_llama.py                          # MicroAdam, ~1 min on 2 CPU cores
@@ -23,76 +28,71 @@ registers the optimizer names with transformers.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from transformers import (LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback,  # noqa: E402
-                          TrainingArguments)
+from transformers import (HfArgumentParser, LlamaConfig, LlamaForCausalLM, Trainer,  # noqa: E402
+                          TrainerCallback, TrainingArguments)
 
 import hf_compressed_optim  # noqa: E402  (registers optim="microadam" and friends)
-from hf_compressed_optim import offline_corpus  # noqa: E402
-from hf_compressed_optim.zero_sharding import find_zero_optimizer  # noqa: E402
+from hf_compressed_optim import find_zero_optimizer, offline_corpus  # noqa: E402
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("optimizer")
-    g.add_argument("--optim", default="microadam",
-                   help="TrainingArguments.optim name (ours: microadam; baselines: "
-                        "adamw_torch, adamw_torch_fused, ...)")
-    g.add_argument("--optim_args", default=None,
-                   help='comma-separated key=value pairs, e.g. "window_size=10,density=0.01"')
-    g.add_argument("--learning_rate", type=float, default=3e-3)
-    g.add_argument("--weight_decay", type=float, default=0.0)
-    g.add_argument("--warmup_steps", type=int, default=20)
-    g.add_argument("--lr_scheduler_type", default="cosine")
-    g = p.add_argument_group("model")
-    g.add_argument("--model_name_or_path", default=None,
-                   help="local folder or hub id; default: build a small LLaMA from a LlamaConfig")
-    g.add_argument("--hidden_size", type=int, default=192)
-    g.add_argument("--intermediate_size", type=int, default=512)
-    g.add_argument("--num_hidden_layers", type=int, default=3)
-    g.add_argument("--num_attention_heads", type=int, default=6)
-    g.add_argument("--lora", action="store_true",
-                   help="train LoRA adapters on q/k/v/o projections (peft) instead of all weights")
-    g.add_argument("--lora_r", type=int, default=8)
-    g.add_argument("--lora_alpha", type=int, default=16)
-    g = p.add_argument_group("data and schedule")
-    g.add_argument("--block_size", type=int, default=128, help="sequence length")
-    g.add_argument("--max_steps", type=int, default=300)
-    g.add_argument("--per_device_train_batch_size", type=int, default=16)
-    g.add_argument("--per_device_eval_batch_size", type=int, default=32)
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    g.add_argument("--max_train_blocks", type=int, default=None, help="cap the training set")
-    g.add_argument("--max_eval_blocks", type=int, default=128, help="cap the eval set")
-    g.add_argument("--logging_steps", type=int, default=10)
-    g = p.add_argument_group("run")
-    g.add_argument("--output_dir", default="outputs/finetune_llama")
-    g.add_argument("--save", action="store_true",
-                   help="save the final model to --output_dir and a final Trainer checkpoint "
-                        "(model, optimizer, scheduler) to --output_dir/checkpoint-<max_steps>")
-    g.add_argument("--save_steps", type=int, default=0,
-                   help="write a checkpoint (model, optimizer, scheduler) every N steps; 0: none")
-    g.add_argument("--resume_from_checkpoint", default=None,
-                   help="checkpoint folder to resume from (optimizer state included)")
-    g.add_argument("--use_cpu", action="store_true",
-                   help="train on CPU (needed for DDP on gloo under torchrun)")
-    g.add_argument("--bf16", action="store_true", help="bf16 mixed precision (autocast)")
-    g.add_argument("--seed", type=int, default=42)
-    return p.parse_args(argv)
+@dataclass
+class ModelDataArguments:
+    """The model and the data; everything else is a ``TrainingArguments`` field."""
+
+    model_name_or_path: str | None = field(default=None, metadata={
+        "help": "local folder or hub id; default: build a small LLaMA from a LlamaConfig"})
+    hidden_size: int = 192
+    intermediate_size: int = 512
+    num_hidden_layers: int = 3
+    num_attention_heads: int = 6
+    lora: bool = field(default=False, metadata={
+        "help": "train LoRA adapters on q/k/v/o projections (peft) instead of all weights"})
+    lora_r: int = 8
+    lora_alpha: int = 16
+    block_size: int = field(default=128, metadata={"help": "sequence length"})
+    max_train_blocks: int | None = field(default=None, metadata={"help": "cap the training set"})
+    max_eval_blocks: int = field(default=128, metadata={"help": "cap the eval set"})
+    save: bool = field(default=False, metadata={
+        "help": "save the final model to --output_dir and a final Trainer checkpoint (model, "
+                "optimizer, scheduler) to --output_dir/checkpoint-<max_steps>"})
+
+
+#: This job's values of TrainingArguments fields (the rest keep transformers' defaults).
+TRAINING_DEFAULTS = dict(
+    output_dir="outputs/finetune_llama", optim="microadam", learning_rate=3e-3, warmup_steps=20,
+    lr_scheduler_type="cosine", max_steps=300, per_device_train_batch_size=16,
+    per_device_eval_batch_size=32, logging_steps=10, logging_first_step=True, save_steps=0,
+    save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True, seed=42,
+    dataloader_num_workers=0, ddp_find_unused_parameters=False)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ModelDataArguments, TrainingArguments]:
+    """(model/data arguments, TrainingArguments) from the command line."""
+    parser = HfArgumentParser((ModelDataArguments, TrainingArguments),
+                              description=__doc__.split("\n\n")[0])
+    parser.set_defaults(**TRAINING_DEFAULTS)
+    ns = parser.parse_args(argv)
+    # the Trainer writes every checkpoint, the final one (--save) too: it consolidates sharded
+    # optimizer state (ZeRO-1, FSDP) on every rank before rank 0 saves
+    if ns.save_strategy == "no" and (ns.save_steps or ns.save):
+        ns.save_strategy = "steps"
+    ns.save_steps = ns.save_steps or ns.max_steps
+    return parser.parse_dict(vars(ns))
 
 
 # ------------------------------------------------------------------------------------ model
-def build_model_and_tokenize(args):
+def build_model_and_tokenize(args: ModelDataArguments, seed: int) -> tuple:
     """(model, tokenize) where tokenize maps corpus text to token ids for this model."""
     if args.model_name_or_path:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -118,11 +118,12 @@ def build_model_and_tokenize(args):
         max_position_embeddings=max(args.block_size, 128), tie_word_embeddings=False,
         bos_token_id=None, eos_token_id=None, pad_token_id=None,
     )
-    torch.manual_seed(args.seed)  # the same initial weights on every rank and run
+    torch.manual_seed(seed)  # the same initial weights on every rank and run
     return LlamaForCausalLM(config), offline_corpus.encode
 
 
-def apply_lora(model, args):
+def apply_lora(model: torch.nn.Module, args: ModelDataArguments) -> torch.nn.Module:
+    """Wrap ``model`` with LoRA adapters on the attention projections."""
     from peft import LoraConfig, get_peft_model
 
     cfg = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
@@ -189,47 +190,21 @@ def param_fingerprint(model) -> list[float]:
     return [total, sq]
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    transformers.set_seed(args.seed)
-    model, tokenize = build_model_and_tokenize(args)
+def main(argv: list[str] | None = None) -> dict:
+    """Train, evaluate before and after, print the memory report; return (and write) results."""
+    args, training_args = parse_args(argv)
+    transformers.set_seed(training_args.seed)
+    model, tokenize = build_model_and_tokenize(args, training_args.seed)
     if args.lora:
         model = apply_lora(model, args)
-    data = offline_corpus.lm_datasets(block_size=args.block_size, seed=args.seed,
+    data = offline_corpus.lm_datasets(block_size=args.block_size, seed=training_args.seed,
                                       tokenize=tokenize)
     train_ds, eval_ds = data["train"], data["eval"]
     if args.max_train_blocks:
         train_ds = train_ds.select(range(min(args.max_train_blocks, len(train_ds))))
     if args.max_eval_blocks:
         eval_ds = eval_ds.select(range(min(args.max_eval_blocks, len(eval_ds))))
-
-    training_args = TrainingArguments(
-        output_dir=args.output_dir,
-        optim=args.optim,
-        optim_args=args.optim_args,
-        learning_rate=args.learning_rate,
-        weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_steps,
-        lr_scheduler_type=args.lr_scheduler_type,
-        max_steps=args.max_steps,
-        per_device_train_batch_size=args.per_device_train_batch_size,
-        per_device_eval_batch_size=args.per_device_eval_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        logging_steps=args.logging_steps,
-        logging_first_step=True,
-        # the Trainer writes every checkpoint, the final one (--save) too: it consolidates sharded
-        # optimizer state (ZeRO-1, FSDP) on every rank before rank 0 saves
-        save_strategy="steps" if args.save_steps or args.save else "no",
-        save_steps=args.save_steps or args.max_steps,
-        eval_strategy="no",
-        report_to=[],
-        disable_tqdm=True,
-        use_cpu=args.use_cpu,
-        bf16=args.bf16,
-        seed=args.seed,
-        dataloader_num_workers=0,
-        ddp_find_unused_parameters=False,
-    )
+    optim = getattr(training_args.optim, "value", training_args.optim)
     printer = LossPrinter()
     trainer = Trainer(model=model, args=training_args, train_dataset=train_ds,
                       eval_dataset=eval_ds, callbacks=[printer])
@@ -243,8 +218,8 @@ def main(argv=None) -> dict:
     if main_process:
         print(f"model: {type(model).__name__} {n_total:,} params ({n_trainable:,} trainable"
               f"{', LoRA' if args.lora else ''}); data: {len(train_ds)} train / {len(eval_ds)} "
-              f"eval blocks of {args.block_size} tokens; optim={args.optim} "
-              f"optim_args={args.optim_args!r} lr={args.learning_rate} "
+              f"eval blocks of {args.block_size} tokens; optim={optim} "
+              f"optim_args={training_args.optim_args!r} lr={training_args.learning_rate} "
               f"world_size={training_args.world_size} device={training_args.device}", flush=True)
 
     t0 = time.perf_counter()
@@ -252,18 +227,18 @@ def main(argv=None) -> dict:
     if main_process:
         print(f"eval loss before: {eval_before:.4f} (uniform over 256 bytes: "
               f"{math.log(offline_corpus.VOCAB_SIZE):.4f})", flush=True)
-    train_out = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    train_out = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     eval_after = trainer.evaluate()["eval_loss"]
     elapsed = time.perf_counter() - t0
 
     report = hf_compressed_optim.optimizer_memory_report(trainer.optimizer)
-    n_opt = hf_compressed_optim.memory.trainable_parameter_count(trainer.optimizer)
-    optimizer = hf_compressed_optim.memory.unwrap_optimizer(trainer.optimizer)
+    n_opt = hf_compressed_optim.trainable_parameter_count(trainer.optimizer)
+    optimizer = hf_compressed_optim.unwrap_optimizer(trainer.optimizer)
     results = {
-        "optim": args.optim, "optim_args": args.optim_args,
+        "optim": optim, "optim_args": training_args.optim_args,
         "optimizer_class": type(optimizer).__name__,
         "lora": args.lora, "params_total": n_total, "params_trainable": n_trainable,
-        "world_size": training_args.world_size, "max_steps": args.max_steps,
+        "world_size": training_args.world_size, "max_steps": training_args.max_steps,
         "eval_loss_before": eval_before, "eval_loss_after": eval_after,
         "train_loss_first": printer.history[0][1] if printer.history else None,
         "train_loss_last": printer.history[-1][1] if printer.history else None,
@@ -276,11 +251,11 @@ def main(argv=None) -> dict:
               f"train+eval {elapsed:.1f}s", flush=True)
         print(f"[{type(optimizer).__name__}]{state_scope(trainer, training_args.world_size)} "
               + format_memory_report(report, n_opt), flush=True)
-        os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, "finetune_results.json"), "w") as f:
+        os.makedirs(training_args.output_dir, exist_ok=True)
+        with open(os.path.join(training_args.output_dir, "finetune_results.json"), "w") as f:
             json.dump(results, f, indent=2)
     if args.save:  # the optimizer state is in the final checkpoint the Trainer wrote
-        trainer.save_model(args.output_dir)
+        trainer.save_model(training_args.output_dir)
         trainer.save_state()
     return results
 

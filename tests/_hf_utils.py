@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import pathlib
+import sys
 
 import torch
 
@@ -116,8 +118,11 @@ RECIPES = pathlib.Path(__file__).resolve().parents[1] / "recipes"
 
 
 def load_recipe(name: str):
-    """Import ``recipes/<name>.py`` as a module (recipes are scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"_recipe_{name}", RECIPES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """Import ``recipes.<name>`` (e.g. ``"finetune_llama"``, ``"benchmarks.efcp"``) from this
+    checkout, whatever the working directory (the repository root need not be on sys.path)."""
+    if "recipes" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "recipes", RECIPES / "__init__.py", submodule_search_locations=[str(RECIPES)])
+        sys.modules["recipes"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["recipes"])
+    return importlib.import_module(f"recipes.{name}")

@@ -4,25 +4,17 @@ The quick run checks that every phase produces sane numbers and that the report,
 BENCHMARKS.md splice are written; it times nothing (the figures of a quick run mean nothing).
 """
 
-import importlib
 import json
 import math
-import sys
 
 import pytest
 
-from _hf_utils import RECIPES
-
-BENCH = RECIPES / "benchmarks"
+from _hf_utils import RECIPES, load_recipe
 
 
 @pytest.fixture(scope="module")
 def bench_modules():
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield {name: importlib.import_module(name) for name in ("run", "report")}
-    finally:
-        sys.path.remove(str(BENCH))
+    return {name: load_recipe(f"benchmarks.{name}") for name in ("run", "report")}
 
 
 @pytest.fixture(scope="module")
@@ -150,10 +142,6 @@ def test_subset_rerun_keeps_the_other_optimizers(quick_run, bench_modules, tmp_p
 
 
 def test_step_ab_child_times_one_checkout():
-    sys.path.insert(0, str(BENCH))
-    try:
-        step_ab = importlib.import_module("step_ab")
-    finally:
-        sys.path.remove(str(BENCH))
+    step_ab = load_recipe("benchmarks.step_ab")
     ms = step_ab.run(str(RECIPES.parent), "adamw")
     assert 0 < ms < 60_000

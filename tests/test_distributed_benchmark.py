@@ -1,4 +1,4 @@
-"""Smoke test of recipes/benchmark_distributed.py on 2 gloo ranks (tiny model): per-rank state
+"""Smoke test of recipes/benchmarks/distributed.py on 2 gloo ranks (tiny model): per-rank state
 bytes of the sharded modes are about half of DDP's, and the markdown table renders."""
 
 import json
@@ -9,14 +9,15 @@ import sys
 import pytest
 from _dist_utils import torchrun
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "recipes" / "benchmark_distributed.py"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MODULE = "recipes.benchmarks.distributed"
 
 
 @pytest.mark.multiprocess
 def test_state_bytes_per_rank_halve_when_sharded(tmp_path):
     out = tmp_path / "dist.json"
-    torchrun(SCRIPT, "--hidden", "64", "--layers", "1", "--steps", "2", "--optimizers",
-             "adamw", "microadam", "--json", str(out), log=tmp_path / "stderr.txt")
+    torchrun("-m", MODULE, "--hidden", "64", "--layers", "1", "--steps", "2", "--optimizers",
+             "adamw", "microadam", "--json", str(out), log=tmp_path / "stderr.txt", cwd=ROOT)
     rows = json.loads(out.read_text())["rows"]
     by = {(r["optimizer"], r["mode"]): r for r in rows}
     for name in ("adamw", "microadam"):
@@ -25,6 +26,6 @@ def test_state_bytes_per_rank_halve_when_sharded(tmp_path):
         for mode in ("ddp_sharded", "fsdp2"):
             assert by[(name, mode)]["max_state_bytes_per_rank"] < 0.6 * ddp, (name, mode)
     assert by[("adamw", "ddp")]["bytes_per_param_per_rank"] == pytest.approx(8.0, abs=0.05)
-    table = subprocess.run([sys.executable, str(SCRIPT), "--markdown", str(out)],
+    table = subprocess.run([sys.executable, "-m", MODULE, "--markdown", str(out)], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout
     assert "| microadam | fsdp2 | 2 |" in table

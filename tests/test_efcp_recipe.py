@@ -1,4 +1,4 @@
-"""Smoke test of recipes/benchmark_efcp.py at toy sizes (all three sections, JSON, markdown)."""
+"""Smoke test of recipes/benchmarks/efcp.py at toy sizes (all three sections, JSON, markdown)."""
 
 import json
 
@@ -8,7 +8,7 @@ from _hf_utils import load_recipe
 
 
 def test_benchmark_efcp_quick(tmp_path, capsys, one_torch_thread):
-    bench = load_recipe("benchmark_efcp")
+    bench = load_recipe("benchmarks.efcp")
     out_json, png = tmp_path / "efcp.json", tmp_path / "efcp.png"
     res = bench.main(["--quick", "--json", str(out_json), "--plot", str(png), "--markdown"])
     text = capsys.readouterr().out

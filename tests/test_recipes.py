@@ -25,6 +25,7 @@ TINY = ["--hidden_size", "32", "--intermediate_size", "64", "--num_hidden_layers
 def test_finetune_llama_runs_with_optim_name(tmp_path, capsys):
     finetune = load_recipe("finetune_llama")
     res = finetune.main(TINY + ["--max_steps", "12", "--learning_rate", "3e-2",
+                                "--gradient_checkpointing", "--report_to", "none",
                                 "--output_dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert res["optimizer_class"] == "MicroAdam"  # reached through TrainingArguments(optim=...)
@@ -35,6 +36,21 @@ def test_finetune_llama_runs_with_optim_name(tmp_path, capsys):
     assert 0.5 < res["memory"]["optimizer_state_bytes_per_param"] < 1.5
     saved = json.loads((tmp_path / "finetune_results.json").read_text())
     assert saved["eval_loss_after"] == pytest.approx(res["eval_loss_after"])
+
+
+def test_finetune_llama_help_shows_this_jobs_defaults(capsys):
+    """HfArgumentParser: every TrainingArguments flag, with this job's defaults over its own."""
+    finetune = load_recipe("finetune_llama")
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for flag in ("--gradient_checkpointing", "--report_to", "--save_steps", "--lora",
+                 "--max_train_blocks"):
+        assert flag in out
+    assert "(default: microadam)" in out and "(default: 0.003)" in out
+    args, training_args = finetune.parse_args(["--save"])
+    assert args.save and training_args.save_strategy == "steps"
+    assert training_args.save_steps == 300 and training_args.report_to == []
 
 
 def test_finetune_llama_lora_baseline(tmp_path):
@@ -48,7 +64,7 @@ def test_finetune_llama_lora_baseline(tmp_path):
 
 
 def test_benchmark_quick(tmp_path, keep_threads):
-    bench = load_recipe("benchmark_microadam")
+    bench = load_recipe("benchmarks.microadam")
     out = tmp_path / "bench.json"
     res = bench.main(["--quick", "--no-peers", "--json", str(out)])
     saved = json.loads(out.read_text())
@@ -93,7 +109,7 @@ def test_finetune_llama_resume_from_checkpoint_is_exact(tmp_path):
 def test_benchmark_shampoo_quick_convergence(tmp_path, keep_threads):
     """The 4-bit Shampoo deep dive runs end to end (it shares its training step with the
     side-by-side benchmark's convergence phase)."""
-    bench = load_recipe("benchmark_shampoo")
+    bench = load_recipe("benchmarks.shampoo")
     out = tmp_path / "shampoo.json"
     bench.main(["--part", "convergence", "--quick", "--json", str(out)])
     conv = json.loads(out.read_text())["convergence"]

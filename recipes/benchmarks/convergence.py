@@ -24,7 +24,7 @@ import time
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
-from roster import Entry
+from .roster import Entry, build_roster
 
 
 def clipped_step(model, loss, opt, sched, max_norm: float = 1.0) -> float:
@@ -71,8 +71,6 @@ def train_run(task, entry: Entry, lr: float, seed: int, steps: int, eval_every: 
 
 def pretrain(task, steps: int, lr: float, eval_every: int) -> tuple[dict, dict]:
     """AdamW from scratch on ``task`` (seed 0): the shared starting point of fine-tuning runs."""
-    from roster import build_roster
-
     entry = build_roster(include_peers=False)["adamw_torch"]
     model = task.model(0)
     run = train_run(task, entry, lr, 0, steps, eval_every, model=model)

@@ -17,41 +17,20 @@
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
 
 import hf_compressed_optim as hco
 
-from process_memory import reset_peak, rss_bytes, vm_hwm
-from roster import Entry
-from tasks import build_llama
+from .common import build_llama, child_result, start_child, sync
+from .process_memory import reset_peak, rss_bytes, vm_hwm
+from .roster import Entry, build_roster
 
-CHILD_MARKER = "BENCH_PEAK_RESULT "
 # a small fixed lr: memory and time do not depend on it, and parameters must stay finite
 TIMING_LR = {"efcp_mfac": 1e-3, "efcp_ggt": 1e-3}
 DEFAULT_LR = 1e-4
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def make_params(shapes, device, seed: int = 0) -> list[torch.nn.Parameter]:
-    """fp32 parameters of the given shapes with fixed random gradients (LLaMA-like scales)."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    params = []
-    for shape in shapes:
-        p = torch.nn.Parameter((torch.randn(shape, generator=gen) * 0.02).to(device))
-        p.grad = (torch.randn(shape, generator=gen) * 1e-3).to(device)
-        params.append(p)
-    return params
 
 
 def params_with_grads(size: str, device, seed: int = 0) -> list[torch.nn.Parameter]:
@@ -73,7 +52,7 @@ def _make(entry: Entry, params):
 def state_bytes(entry: Entry, params) -> dict:
     """Bytes of state after two steps: total, by category (ours) and per parameter, and the
     bytes of tensors the step left alive outside the state (workspaces, caches)."""
-    before = hco.memory.live_tensor_storages()
+    before = hco.core.memory.live_tensor_storages()
     opt = _make(entry, params)
     opt.step()
     opt.step()
@@ -82,7 +61,7 @@ def state_bytes(entry: Entry, params) -> dict:
     total = cats.pop("total")
     out = dict(params=n, bytes=total, bytes_per_param=total / n,
                by_category={k: v / n for k, v in cats.items()},
-               unaccounted_bytes_per_param=hco.memory.unaccounted_tensor_bytes(opt, before) / n)
+               unaccounted_bytes_per_param=hco.core.memory.unaccounted_tensor_bytes(opt, before) / n)
     del opt
     return out
 
@@ -155,8 +134,6 @@ def step_times(roster: dict[str, Entry], params, device, block: int, rounds: int
 def peak_child(name: str, size: str, steps: int, batch: int, block: int, device: str,
                quick: bool) -> dict:
     """Runs in a fresh process: train LLaMA ``size`` with ``name`` for ``steps`` steps."""
-    from roster import build_roster
-
     device = torch.device(device)
     entry = build_roster(include_peers=True, quick=quick)[name]
     model = build_llama(size, 0, device)
@@ -186,26 +163,15 @@ def peak_child(name: str, size: str, steps: int, batch: int, block: int, device:
                 loss=float(loss))
 
 
-def run_peak_children(names, size, steps, batch, block, device, quick, peers_path,
-                      progress=None) -> dict:
+def run_peak_children(names: list[str], size: str, steps: int, batch: int, block: int,
+                      device: str, quick: bool, peers_path: str | None, progress=None) -> dict:
     """One child process per optimizer (sequential, so they do not compete for memory)."""
-    env = dict(os.environ, PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1")
-    if peers_path:
-        env["HCO_PEERS_PATH"] = peers_path
-    here = os.path.dirname(os.path.abspath(__file__))
     out = {}
     for name in names:
-        cmd = [sys.executable, os.path.join(here, "run.py"), "_peak", "--optim", name,
-               "--size", size, "--steps", str(steps), "--batch", str(batch), "--block",
-               str(block), "--device", str(device)] + (["--quick"] if quick else [])
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        for line in proc.stdout.splitlines():
-            if line.startswith(CHILD_MARKER):
-                out[name] = json.loads(line[len(CHILD_MARKER):])
-                break
-        else:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()
-            out[name] = dict(error=(tail[-1] if tail else f"exit {proc.returncode}")[:300])
+        args = ["_peak", "--optim", name, "--size", size, "--steps", str(steps), "--batch",
+                str(batch), "--block", str(block), "--device", str(device)]
+        out[name] = child_result(start_child("recipes.benchmarks.run",
+                                             args + (["--quick"] if quick else []), peers_path))
         if progress:
             progress.update(1)
     base = out.get("adamw_torch", {})

@@ -5,15 +5,11 @@ the one-line choice a user makes. Hyperparameters other than the learning rate a
 package defaults, except where a step budget of a few hundred steps forces a change; those
 changes are listed in ``BUDGET_OVERRIDES`` and printed in the report.
 
-Peers (bitsandbytes, torchao) are used when they import. ``add_peers_path`` puts a directory made
-with ``pip install --target DIR`` on this process's import path only, so the peers need not sit
-in site-packages, where they would change what ``import transformers`` loads for everyone.
+Peers (bitsandbytes, torchao) are used when they import (see ``common.add_peers_path``).
 """
 
 from __future__ import annotations
 
-import os
-import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable
@@ -49,24 +45,6 @@ class Entry:
     lr_grid: dict = field(default_factory=dict)
     # convergence runs skip entries that are the same algorithm as another one (fused AdamW)
     same_math_as: str | None = None
-
-
-def add_peers_path(path: str | None) -> None:
-    """Make a ``pip install --target`` directory importable by this process only."""
-    if path and os.path.isdir(path) and path not in sys.path:
-        sys.path.insert(0, path)
-
-
-def peer_versions() -> dict[str, str]:
-    out = {}
-    for mod in ("bitsandbytes", "torchao"):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                out[mod] = __import__(mod).__version__
-        except Exception as err:  # not installed, or fails to import on this machine
-            out[mod] = f"unavailable ({type(err).__name__})"
-    return out
 
 
 # Learning-rate grids per task: points a factor ~3 apart, centred where a first sweep put each

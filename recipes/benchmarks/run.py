@@ -5,11 +5,11 @@ One command measures AdamW (foreach and fused), MicroAdam, Sparse M-FAC, Sparse 
 32-bit Shampoo and, where they import, bitsandbytes AdamW8bit and torchao AdamW8bit / AdamW4bit,
 then writes ``results.json``, PNG plots and ``report.md`` into ``--out``::
 
-    python recipes/benchmarks/run.py all --peers-path /path/to/peers \\
+    python -m recipes.benchmarks.run all --peers-path /path/to/peers \\
         --update-benchmarks BENCHMARKS.md           # the full report (about an hour on 2 CPU cores)
-    python recipes/benchmarks/run.py all --quick    # smoke run, under 5 minutes on 2 CPU cores
-    python recipes/benchmarks/run.py speed          # one phase; merged into an existing results.json
-    python recipes/benchmarks/run.py report         # re-render tables and plots, measure nothing
+    python -m recipes.benchmarks.run all --quick    # smoke run, under 5 minutes on 2 CPU cores
+    python -m recipes.benchmarks.run speed          # one phase; merged into an existing results.json
+    python -m recipes.benchmarks.run report         # re-render tables and plots, measure nothing
 
 Phases (subcommands): ``memory`` (state bytes per parameter at several model sizes, EFCP's window
 against dense M-FAC, Shampoo's preconditioners, peak training memory), ``speed`` (optimizer step
@@ -24,13 +24,14 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import subprocess
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, HERE)
+from . import convergence, measure, report
+from . import tasks as T
+from .common import (REPO, add_peers_path, llama_param_count, machine_info, peer_versions,
+                     report_to_parent, versions)
+from .roster import BUDGET_OVERRIDES, build_roster, select
+
 DEFAULT_OUT = os.path.join(REPO, "recipes", "results", "report")
 MARK_BEGIN = "<!-- side-by-side report: begin (written by recipes/benchmarks/run.py) -->"
 MARK_END = "<!-- side-by-side report: end -->"
@@ -89,41 +90,6 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-# ------------------------------------------------------------------ environment
-def machine_info(torch) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True,
-                                   timeout=10).stdout.splitlines():
-            if line.lower().startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-    except Exception:
-        pass
-    return dict(cpu=cpu, cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
-                platform=platform.platform(), python=platform.python_version())
-
-
-def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {}
-    for dist in ("hf-compressed-optim", "torch", "transformers", "triton", "scikit-learn",
-                 "bitsandbytes", "torchao"):
-        try:
-            out[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            if dist in sys.modules:  # a peer imported from --peers-path (no dist metadata)
-                out[dist] = getattr(sys.modules[dist], "__version__", "?")
-    try:
-        commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
-                                capture_output=True, text=True, timeout=10).stdout.strip()
-        if commit:
-            out["git"] = commit
-    except Exception:
-        pass
-    return out
-
-
 def command_line(argv: list[str]) -> str:
     """The command as a reader would retype it: paths inside the repository relative to it,
     the peers folder (which lives outside) as a placeholder."""
@@ -134,7 +100,7 @@ def command_line(argv: list[str]) -> str:
         elif os.path.isabs(a):
             a = os.path.relpath(a, REPO) if a.startswith(REPO + os.sep) else os.path.basename(a)
         words.append(a)
-    return " ".join(["python recipes/benchmarks/run.py"] + words)
+    return " ".join(["python -m recipes.benchmarks.run"] + words)
 
 
 def progress_bar(total: int, desc: str, enabled: bool):
@@ -146,8 +112,6 @@ def progress_bar(total: int, desc: str, enabled: bool):
 
 # ------------------------------------------------------------------ phases
 def phase_memory(cfg, roster, device, peers_path, quick, show) -> dict:
-    import measure
-
     sizes = {}
     bar = progress_bar(len(cfg["memory_sizes"]) * len(roster) + len(roster) + 2,
                        "memory", show)
@@ -167,8 +131,6 @@ def phase_memory(cfg, roster, device, peers_path, quick, show) -> dict:
     out = dict(sizes=sizes, largest=cfg["memory_sizes"][-1])
     ours = sizes[small]["optimizers"].get("efcp_mfac", {})
     if "by_category" in ours:  # against dense M-FAC, on the smallest size (dense is 4·m B/param)
-        from roster import BUDGET_OVERRIDES
-
         out["efcp_window"] = measure.efcp_window_comparison(
             small_params, ours, BUDGET_OVERRIDES["efcp_mfac"][0]["window_size"],
             cfg["efcp_default_window"])
@@ -185,8 +147,6 @@ def phase_memory(cfg, roster, device, peers_path, quick, show) -> dict:
                                      peers_path, progress=bar)
     bar.close()
     methods = {r["method"] for r in peak.values() if "method" in r}
-    from tasks import llama_param_count
-
     out["peak"] = dict(size=cfg["peak_size"], params=llama_param_count(cfg["peak_size"]),
                        steps=cfg["peak_steps"], batch=cfg["peak_batch"], block=cfg["peak_block"],
                        method=", ".join(sorted(methods)) or "-", optimizers=peak)
@@ -195,8 +155,6 @@ def phase_memory(cfg, roster, device, peers_path, quick, show) -> dict:
 
 def phase_speed(cfg, roster, device, show) -> dict:
     import torch
-
-    import measure
 
     sizes = {}
     per_size = len(roster) * (1 + cfg["speed_rounds"])
@@ -215,9 +173,6 @@ def phase_speed(cfg, roster, device, show) -> dict:
 
 
 def phase_convergence(cfg, roster, device, tasks_wanted, show) -> dict:
-    import convergence
-    import tasks as T
-
     out = {}
     for name in tasks_wanted:
         extra = {}
@@ -284,8 +239,6 @@ def _json_safe(obj):
 
 def render(res: dict, out_dir: str, update: str | None) -> str:
     """Plots + report.md in ``out_dir``; optionally splice the report into ``update``."""
-    import report
-
     paths = report.write_plots(res, out_dir)
     rel = {k: os.path.relpath(v, out_dir) for k, v in paths.items()}
     text = report.markdown(res, rel)
@@ -309,8 +262,6 @@ def render(res: dict, out_dir: str, update: str | None) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from roster import add_peers_path
-
     add_peers_path(args.peers_path)
     import warnings
 
@@ -319,14 +270,9 @@ def main(argv=None) -> dict:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.phase == "_peak":
-        import measure
-
         r = measure.peak_child(args.optim, args.size, args.steps, args.batch, args.block, device,
                                args.quick)
-        print(measure.CHILD_MARKER + json.dumps(r), flush=True)
-        return r
-
-    from roster import BUDGET_OVERRIDES, build_roster, peer_versions, select
+        return report_to_parent(r)
 
     mode = "quick" if args.quick else "full"
     cfg = dict(SETTINGS[mode])
@@ -347,7 +293,7 @@ def main(argv=None) -> dict:
             command=cmd, date=datetime.date.today().isoformat(), mode=mode, device=device,
             device_name=(torch.cuda.get_device_name() if device.startswith("cuda")
                          else "CPU"),
-            machine=machine_info(torch), versions=versions(), settings=cfg,
+            machine=machine_info(), versions=versions(), settings=cfg,
             results_path=os.path.relpath(results_path, REPO),
             # a subset run keeps the other optimizers' figures, the peers' among them
             peers_missing=[] if subset else [k for k, v in pv.items()

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Step time of two checkouts of this package, measured in alternating fresh processes.
 
 Answers "did this change make the step slower?" on a noisy machine: both versions take turns
@@ -8,7 +7,7 @@ warm-up steps. ``--baseline`` is the root of the other checkout (e.g. made with
 ``git worktree add /tmp/base HEAD~3``); each process imports the package from its checkout
 (``kernels/`` mapped as ``hf_compressed_optim.kernels``, as the install does).
 
-    python recipes/benchmarks/step_ab.py --baseline /tmp/base --rounds 3
+    python -m recipes.benchmarks.step_ab --baseline /tmp/base --rounds 3
 """
 
 from __future__ import annotations
@@ -21,8 +20,8 @@ import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(HERE))
+from .common import REPO
+
 OPTIMIZERS = ("adamw", "microadam", "efcp_mfac", "efcp_ggt")
 
 
@@ -74,8 +73,9 @@ def child(name: str, root: str) -> float:
 
 def run(root: str, name: str) -> float:
     """One fresh process importing the package from checkout ``root``."""
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", name, "--root",
-                          root], capture_output=True, text=True, timeout=900, check=True)
+    out = subprocess.run([sys.executable, "-m", "recipes.benchmarks.step_ab", "--child", name,
+                          "--root", root], cwd=REPO, capture_output=True, text=True, timeout=900,
+                         check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 

@@ -21,33 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-#: name -> (hidden, layers, intermediate, heads, kv_heads)
-LLAMA_SIZES = {
-    "xs": (32, 1, 88, 2, 1),
-    "s": (128, 2, 352, 4, 2),
-    "m": (256, 4, 704, 4, 2),
-    "l": (512, 4, 1376, 8, 4),
-    "xl": (768, 6, 2048, 12, 4),
-}
-VOCAB = 256
-
-
-def build_llama(size: str, seed: int, device="cpu"):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    hidden, layers, inter, heads, kv = LLAMA_SIZES[size]
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers,
-                      intermediate_size=inter, num_attention_heads=heads,
-                      num_key_value_heads=kv, max_position_embeddings=256,
-                      tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
-                      pad_token_id=None)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(cfg).to(device)
-
-
-def llama_param_count(size: str) -> int:
-    return sum(p.numel() for p in build_llama(size, 0, "meta").parameters())
-
+from .common import LLAMA_SIZES, build_llama
 
 class DigitsCNN(torch.nn.Module):
     """Two 3x3 convolutions, a 2x2 max-pool and two linear layers (151k parameters)."""

@@ -1,12 +1,11 @@
-#!/usr/bin/env python
 """Optimizer-state bytes per rank under DDP, DDP with ZeRO-1 state sharding, and FSDP2.
 
 Run it with 1 and with 2 processes (CPU: gloo; GPUs: nccl); each run appends its rows to the
 ``--json`` file, ``--markdown`` prints the table from that file::
 
-    torchrun --nproc_per_node 1 recipes/benchmark_distributed.py --json recipes/results/dist.json
-    torchrun --nproc_per_node 2 recipes/benchmark_distributed.py --json recipes/results/dist.json
-    python recipes/benchmark_distributed.py --markdown recipes/results/dist.json
+    torchrun --nproc_per_node 1 -m recipes.benchmarks.distributed --json recipes/results/dist.json
+    torchrun --nproc_per_node 2 -m recipes.benchmarks.distributed --json recipes/results/dist.json
+    python -m recipes.benchmarks.distributed --markdown recipes/results/dist.json
 
 For each optimizer and mode a small LLaMA (real layer structure: attention, MLP, embeddings,
 norms) takes a few steps on random tokens; the state bytes each rank holds are then measured with
@@ -26,8 +25,9 @@ import torch
 import torch.distributed as dist
 
 import hf_compressed_optim as hco
-from hf_compressed_optim.memory import optimizer_state_bytes
-from hf_compressed_optim.zero_sharding import ZeroShardedOptimizer
+from hf_compressed_optim.engines.zero import ZeroShardedOptimizer
+
+from .common import add_options, build_llama, md_table
 
 OPTIMIZERS = {
     "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-3),
@@ -43,15 +43,11 @@ OPTIMIZERS = {
 MODES = ("ddp", "ddp_sharded", "fsdp2")
 
 
-def build_model(hidden: int, layers: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 8 // 3 // 16 * 16,
-                      num_hidden_layers=layers, num_attention_heads=max(2, hidden // 64),
-                      num_key_value_heads=max(2, hidden // 64), vocab_size=1024,
-                      max_position_embeddings=128)
-    return LlamaForCausalLM(cfg)
+def build_model(hidden: int, layers: int) -> torch.nn.Module:
+    """LLaMA (seed 0) with a 1024-token vocabulary, MLP 8/3 hidden, one head per 64 dims."""
+    heads = max(2, hidden // 64)
+    return build_llama((hidden, layers, hidden * 8 // 3 // 16 * 16, heads, heads), 0,
+                       vocab=1024, max_positions=128)
 
 
 class AllReduceCounter:
@@ -113,7 +109,7 @@ def run_one(name: str, mode: str, args, device) -> dict:
             opt.step()
         times.append(time.perf_counter() - t0)
         opt.zero_grad(set_to_none=True)
-    state = optimizer_state_bytes(opt)["total"]
+    state = hco.optimizer_state_bytes(opt)["total"]
     gathered = [None] * world
     dist.all_gather_object(gathered, state)
     return {"optimizer": name, "mode": mode, "world_size": world, "params": n_params,
@@ -136,29 +132,24 @@ class _OptimizerFromFactory:
 
 
 def to_markdown(rows: list[dict]) -> str:
-    names = [n for n in OPTIMIZERS if any(r["optimizer"] == n for r in rows)]
-    out = ["| optimizer | mode | ranks | state bytes per rank (max) | B/param per rank | "
-           "vs AdamW same mode | optimizer all-reduce bytes/step |", "|---|---|---:|---:|---:|---:|---:|"]
+    """The table of the rows of one or more runs (1 and 2 ranks)."""
     base = {(r["mode"], r["world_size"]): r["max_state_bytes_per_rank"] for r in rows
             if r["optimizer"] == "adamw"}
-    for n in names:
-        for r in sorted((r for r in rows if r["optimizer"] == n),
-                        key=lambda r: (MODES.index(r["mode"]), r["world_size"])):
-            b = base.get((r["mode"], r["world_size"]))
-            ratio = f"{r['max_state_bytes_per_rank'] / b:.3f}" if b else "-"
-            out.append(f"| {n} | {r['mode']} | {r['world_size']} | "
-                       f"{r['max_state_bytes_per_rank']:,} | {r['bytes_per_param_per_rank']:.3f} | "
-                       f"{ratio} | {r['allreduce_bytes_per_step_in_optimizer']:,} |")
-    return "\n".join(out)
+    ordered = sorted(rows, key=lambda r: (list(OPTIMIZERS).index(r["optimizer"]),
+                                          MODES.index(r["mode"]), r["world_size"]))
+    return "\n".join(md_table(
+        ["optimizer", "mode", "ranks", "state bytes per rank (max)", "B/param per rank",
+         "vs AdamW same mode", "optimizer all-reduce bytes/step"], "llrrrrr",
+        [[r["optimizer"], r["mode"], r["world_size"], f"{r['max_state_bytes_per_rank']:,}",
+          f"{r['bytes_per_param_per_rank']:.3f}",
+          f"{r['max_state_bytes_per_rank'] / b:.3f}" if (b := base.get(
+              (r["mode"], r["world_size"]))) else "-",
+          f"{r['allreduce_bytes_per_step_in_optimizer']:,}"] for r in ordered]))
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--seq", type=int, default=32)
+    add_options(ap, {"--hidden": 256, "--layers": 2, "--steps": 3, "--batch": 2, "--seq": 32})
     ap.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS))
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--json", default=None, help="append rows to this JSON file (rank 0)")

@@ -13,32 +13,30 @@ Three parts (``--part all`` runs them in this order):
   torch AdamW on the same model (CPU; on a CUDA device the timing uses synchronisation and CUDA
   events).
 
-    python recipes/benchmark_shampoo.py --part all --json recipes/results/shampoo_cpu_2026-11-21.json
-    python recipes/benchmark_shampoo.py --quick        # a smoke run of every part
+    python -m recipes.benchmarks.shampoo --part all --json recipes/results/shampoo_cpu_2026-11-21.json
+    python -m recipes.benchmarks.shampoo --quick        # a smoke run of every part
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import platform
 import statistics
-import sys
 import time
 
 import torch
 
 from hf_compressed_optim import Shampoo, optimizer_state_bytes
-from hf_compressed_optim.shampoo_blocks import param_layout
+from hf_compressed_optim.shampoo.blocks import param_layout
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks"))
-from convergence import clipped_step  # noqa: E402  (the step every benchmark run takes)
+from .common import (TINYLLAMA, add_options, build_llama, llama_shapes, timed_step,
+                     write_json)
+from .convergence import clipped_step  # the step every benchmark run takes
 
-TINYLLAMA_SHAPES = {"q_proj": (2048, 2048), "k_proj": (256, 2048), "v_proj": (256, 2048),
-                    "o_proj": (2048, 2048), "gate_proj": (5632, 2048), "up_proj": (5632, 2048),
-                    "down_proj": (2048, 5632)}
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+TINYLLAMA_SHAPES = dict(zip((f"{p}_proj" for p in PROJECTIONS),
+                            llama_shapes(**TINYLLAMA, parts=PROJECTIONS)))
 
 
 def formula_bytes(n: int, block: int = 64) -> int:
@@ -87,15 +85,11 @@ def bench_memory(quick: bool) -> dict:
 
 
 # ---------------------------------------------------------------------------------- model/data
-def small_llama(seed: int, hidden: int, layers: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=int(hidden * 8 / 3) // 16 * 16,
-                      num_hidden_layers=layers, num_attention_heads=max(2, hidden // 64),
-                      num_key_value_heads=max(2, hidden // 64), vocab_size=256,
-                      max_position_embeddings=256, tie_word_embeddings=True)
-    return LlamaForCausalLM(cfg)
+def small_llama(seed: int, hidden: int, layers: int) -> torch.nn.Module:
+    """LLaMA with tied embeddings, MLP 8/3 hidden, one head (and KV head) per 64 dims."""
+    heads = max(2, hidden // 64)
+    return build_llama((hidden, layers, int(hidden * 8 / 3) // 16 * 16, heads, heads), seed,
+                       tie=True)
 
 
 def data(block: int, batch: int, steps: int, seed: int = 0):
@@ -207,19 +201,7 @@ def bench_steptime(args) -> dict:
         for cycle in range(args.cycles + 1):  # the first cycle warms up
             for _ in range(args.t2):
                 model(input_ids=ids, labels=ids).loss.backward()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                    start, end = torch.cuda.Event(enable_timing=True), \
-                        torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    opt.step()
-                    end.record()
-                    torch.cuda.synchronize()
-                    dt = start.elapsed_time(end) / 1e3
-                else:
-                    t0 = time.perf_counter()
-                    opt.step()
-                    dt = time.perf_counter() - t0
+                dt = timed_step(opt, device)
                 opt.zero_grad(set_to_none=True)
                 if cycle:
                     times.append(dt)
@@ -241,18 +223,13 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--part", choices=("all", "memory", "convergence", "steptime"), default="all")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run of the chosen parts")
-    ap.add_argument("--hidden", type=int, default=192)
-    ap.add_argument("--layers", type=int, default=3)
-    ap.add_argument("--block", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--eval_every", type=int, default=25)
+    add_options(ap, {"--hidden": 192, "--layers": 3, "--block": 128, "--batch": 16,
+                     "--steps": 300, "--eval_every": 25, "--threads": 0})
     ap.add_argument("--t1", type=int, default=10, help="stat_update_interval")
     ap.add_argument("--t2", type=int, default=50, help="root_update_interval")
     ap.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 2e-3, 4e-3])
     ap.add_argument("--cycles", type=int, default=3, help="T2 cycles timed in steptime")
     ap.add_argument("--cpu", action="store_true", help="time on CPU even if CUDA is available")
-    ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default="recipes/results/shampoo_convergence.png")
     args = ap.parse_args(argv)
@@ -274,9 +251,7 @@ def main(argv=None):
             plot(result["convergence"], args.plot)
     if args.part in ("all", "steptime"):
         result["steptime"] = bench_steptime(args)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    write_json(result, args.json)
     return result
 
 

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Benchmark Sparse M-FAC / Sparse GGT (EFCP): state bytes, convergence, step time.
 
 Everything is measured in this run; nothing is taken from papers.
@@ -22,9 +21,9 @@ Everything is measured in this run; nothing is taken from papers.
 
 Examples::
 
-    python recipes/benchmark_efcp.py --json recipes/results/efcp_cpu_2026-11-21.json --markdown
-    python recipes/benchmark_efcp.py --quick          # smoke run, under a minute
-    python recipes/benchmark_efcp.py --from-json recipes/results/efcp_cpu_2026-11-21.json --markdown
+    python -m recipes.benchmarks.efcp --json recipes/results/efcp_cpu_2026-11-21.json --markdown
+    python -m recipes.benchmarks.efcp --quick          # smoke run, under a minute
+    python -m recipes.benchmarks.efcp --from-json recipes/results/efcp_cpu_2026-11-21.json --markdown
 """
 
 from __future__ import annotations
@@ -32,10 +31,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -43,29 +39,18 @@ import torch
 
 from hf_compressed_optim import SparseGGT, SparseMFAC, optimizer_state_bytes
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks"))
-from measure import make_params, sync  # noqa: E402  (shared with the side-by-side report)
-
+from .common import (TINYLLAMA, add_options, build_llama, llama_shapes, machine_info,
+                     make_params, md_table, timed_step, versions, write_json)
 
 # ============================================================================ parameter sets
-def llama_layer_shapes(hidden, intermediate, heads, kv_heads, parts):
-    head_dim = hidden // heads
-    kv = kv_heads * head_dim
-    table = {"q": (hidden, hidden), "k": (kv, hidden), "v": (kv, hidden), "o": (hidden, hidden),
-             "gate": (intermediate, hidden), "up": (intermediate, hidden),
-             "down": (hidden, intermediate), "norm": (hidden,)}
-    return [table[p] for p in parts]
-
-
-TINYLLAMA = dict(hidden=2048, intermediate=5632, heads=32, kv_heads=4)
 PARAM_SETS = {
     # one TinyLlama-1.1B decoder layer without gate/up (21.0M parameters)
-    "tinyllama-attn+down": llama_layer_shapes(**TINYLLAMA, parts=[
-        "q", "k", "v", "o", "down", "norm", "norm"]),
+    "tinyllama-attn+down": llama_shapes(**TINYLLAMA, parts=("q", "k", "v", "o", "down", "norm",
+                                                            "norm")),
     # TinyLlama attention block (9.4M)
-    "tinyllama-attn": llama_layer_shapes(**TINYLLAMA, parts=["q", "k", "v", "o", "norm"]),
-    "quick": llama_layer_shapes(hidden=128, intermediate=352, heads=4, kv_heads=2, parts=[
-        "q", "k", "v", "o", "down", "norm"]),
+    "tinyllama-attn": llama_shapes(**TINYLLAMA, parts=("q", "k", "v", "o", "norm")),
+    "quick": llama_shapes(hidden=128, intermediate=352, heads=4, kv_heads=2,
+                          parts=("q", "k", "v", "o", "down", "norm")),
 }
 
 
@@ -117,14 +102,9 @@ def memory_section(shapes, device, log, configs=MEMORY_CONFIGS):
 
 
 # ============================================================================ (b) convergence
-def small_llama(seed, hidden, layers):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=int(hidden * 2.75) // 8 * 8,
-                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      vocab_size=256, max_position_embeddings=256)
-    return LlamaForCausalLM(cfg)
+def small_llama(seed: int, hidden: int, layers: int) -> torch.nn.Module:
+    """LLaMA with MLP 2.75 hidden, 4 heads and 2 KV heads."""
+    return build_llama((hidden, layers, int(hidden * 2.75) // 8 * 8, 4, 2), seed)
 
 
 CONVERGENCE_RUNS = {
@@ -236,23 +216,11 @@ def prefill(opt):
     astate["window_count"].fill_(m)
 
 
-def time_step(opt, device, warmup, repeats):
+def time_step(opt: torch.optim.Optimizer, device: torch.device, warmup: int, repeats: int) -> dict:
+    """Median and min of ``repeats`` timed steps after ``warmup`` untimed ones."""
     for _ in range(warmup):
         opt.step()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            sync(device)
-            start.record()
-            opt.step()
-            end.record()
-            sync(device)
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            opt.step()
-            times.append(time.perf_counter() - t0)
+    times = [timed_step(opt, device) for _ in range(repeats)]
     return dict(median_s=statistics.median(times), min_s=min(times), runs=len(times))
 
 
@@ -279,67 +247,47 @@ def timing_section(shapes, device, windows, warmup, repeats, log):
 
 
 # ============================================================================ reporting
-def machine_info():
-    info = dict(python=platform.python_version(), torch=torch.__version__,
-                threads=torch.get_num_threads(), date=str(datetime.date.today()))
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        info["cpu"] = next((line.split(":", 1)[1].strip() for line in out.splitlines()
-                            if line.startswith("Model name")), platform.processor())
-    except OSError:
-        info["cpu"] = platform.processor()
-    try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                        text=True).stdout.strip()
-        info["dirty"] = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True,
-                                            text=True).stdout.strip())
-    except OSError:
-        pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
-def markdown(res) -> str:
+def markdown(res: dict) -> str:
+    """The tables of a run (or of its JSON)."""
     lines = []
     mem = res.get("memory")
     if mem:
-        lines += [f"State bytes per parameter ({mem['param_set_numel'] / 1e6:.1f}M parameters, "
-                  f"{res['args']['memory_set']}):", "",
-                  "| optimizer / setting | B/param | window | error feedback | m x m Gram | "
-                  "x smaller than dense M-FAC (4m) | x AdamW |", "|---|---|---|---|---|---|---|"]
         n = mem["param_set_numel"]
-        for r in mem["rows"]:
+
+        def row(r: dict) -> list:
             c = r.get("by_category", {})
-            f = lambda key: f"{c[key] / n:.2f}" if key in c else "-"
+            per = {k: f"{c[k] / n:.2f}" if k in c else "-" for k in ("window", "error_feedback")}
             gram = f"{c['preconditioner'] / 2**20:.1f} MiB" if "preconditioner" in c else "-"
-            dense = (f"{r['x_smaller_than_dense_mfac']:.0f}x (4m = {r['dense_mfac_bytes_per_param']})"
-                     if "x_smaller_than_dense_mfac" in r else "-")
-            lines.append(f"| {r['label']} | {r['bytes_per_param']:.2f} | {f('window')} | "
-                         f"{f('error_feedback')} | {gram} | {dense} | {r['x_adamw']:.2f} |")
-        lines.append("")
+            dense = (f"{r['x_smaller_than_dense_mfac']:.0f}x (4m = "
+                     f"{r['dense_mfac_bytes_per_param']})" if "x_smaller_than_dense_mfac" in r
+                     else "-")
+            return [r["label"], f"{r['bytes_per_param']:.2f}", per["window"],
+                    per["error_feedback"], gram, dense, f"{r['x_adamw']:.2f}"]
+
+        lines += [f"State bytes per parameter ({n / 1e6:.1f}M parameters, "
+                  f"{res['args']['memory_set']}):", ""]
+        lines += md_table(["optimizer / setting", "B/param", "window", "error feedback",
+                           "m x m Gram", "x smaller than dense M-FAC (4m)", "x AdamW"],
+                          "lllllll", [row(r) for r in mem["rows"]]) + [""]
     conv = res.get("convergence")
     if conv:
         a = res["args"]
+        pct = lambda r, k: f"{r[k]:+.2f}%" if k in r else "-"  # noqa: E731
         lines += [f"Convergence ({a['steps']} steps, batch {a['batch_size']} x {a['block_size']} "
-                  f"bytes, LLaMA hidden {a['hidden']}, {a['layers']} layers, m = {a['m']}):", "",
-                  "| run | eval loss | vs dense | train loss (last "
-                  f"{a['tail']}) | vs dense | optimizer step | state bytes |",
-                  "|---|---|---|---|---|---|---|"]
-        for name, r in conv.items():
-            ve = f"{r['eval_vs_dense_pct']:+.2f}%" if "eval_vs_dense_pct" in r else "-"
-            vt = f"{r['train_tail_vs_dense_pct']:+.2f}%" if "train_tail_vs_dense_pct" in r else "-"
-            lines.append(f"| {name} | {r['eval_loss']:.4f} | {ve} | {r['train_tail_mean']:.4f} | "
-                         f"{vt} | {r['opt_step_ms']:.1f} ms | {r['state_bytes'] / 2**20:.1f} MiB |")
-        lines.append("")
+                  f"bytes, LLaMA hidden {a['hidden']}, {a['layers']} layers, m = {a['m']}):", ""]
+        lines += md_table(["run", "eval loss", "vs dense", f"train loss (last {a['tail']})",
+                           "vs dense", "optimizer step", "state bytes"], "lllllll",
+                          [[name, f"{r['eval_loss']:.4f}", pct(r, "eval_vs_dense_pct"),
+                            f"{r['train_tail_mean']:.4f}", pct(r, "train_tail_vs_dense_pct"),
+                            f"{r['opt_step_ms']:.1f} ms", f"{r['state_bytes'] / 2**20:.1f} MiB"]
+                           for name, r in conv.items()]) + [""]
     tim = res.get("timing")
     if tim:
         lines += [f"Step time ({tim['param_set_numel'] / 1e6:.1f}M parameters, {tim['device']}, "
-                  "full ring):", "", "| optimizer | median | min | x AdamW |", "|---|---|---|---|"]
-        for name, r in tim["rows"].items():
-            lines.append(f"| {name} | {r['median_s'] * 1e3:.1f} ms | {r['min_s'] * 1e3:.1f} ms | "
-                         f"{r['x_adamw']:.1f} |")
-        lines.append("")
+                  "full ring):", ""]
+        lines += md_table(["optimizer", "median", "min", "x AdamW"], "llll",
+                          [[name, f"{r['median_s'] * 1e3:.1f} ms", f"{r['min_s'] * 1e3:.1f} ms",
+                            f"{r['x_adamw']:.1f}"] for name, r in tim["rows"].items()]) + [""]
     return "\n".join(lines)
 
 
@@ -351,21 +299,11 @@ def parse_args(argv=None):
     ap.add_argument("--memory-set", default="tinyllama-attn+down", choices=sorted(PARAM_SETS))
     ap.add_argument("--timing-set", default="tinyllama-attn", choices=sorted(PARAM_SETS))
     ap.add_argument("--timing-windows", default="64,1024")
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--block-size", type=int, default=64)
-    ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=2)
+    add_options(ap, {"--warmup": 1, "--repeats": 5, "--steps": 300, "--batch-size": 16,
+                     "--block-size": 64, "--hidden": 128, "--layers": 2, "--adamw-lr": 3e-3,
+                     "--mfac-lr": 0.03, "--damp": 1e-2, "--ggt-lr": 0.3, "--eps": 1e-3,
+                     "--tail": 30, "--eval-blocks": 128})
     ap.add_argument("--m", type=int, default=32, help="window of the convergence runs")
-    ap.add_argument("--adamw-lr", type=float, default=3e-3)
-    ap.add_argument("--mfac-lr", type=float, default=0.03)
-    ap.add_argument("--damp", type=float, default=1e-2)
-    ap.add_argument("--ggt-lr", type=float, default=0.3)
-    ap.add_argument("--eps", type=float, default=1e-3)
-    ap.add_argument("--tail", type=int, default=30)
-    ap.add_argument("--eval-blocks", type=int, default=128)
     ap.add_argument("--runs", default=",".join(CONVERGENCE_RUNS))
     ap.add_argument("--seed", type=int, default=0, help="model init and batch order")
     ap.add_argument("--plot", default=None, help="PNG of the loss curves")
@@ -384,14 +322,16 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    def log(msg):
+        return print(msg, file=sys.stderr, flush=True)
     if args.from_json:
         with open(args.from_json) as f:
             res = json.load(f)
     else:
         device = torch.device(args.device)
         sections = args.sections.split(",")
-        res = dict(machine=machine_info(), args={k: v for k, v in vars(args).items()})
+        res = dict(machine={**machine_info(), **versions(), "date": str(datetime.date.today())},
+                   args=dict(vars(args)))
         if "memory" in sections:
             log("(a) memory")
             res["memory"] = memory_section(PARAM_SETS[args.memory_set], device, log,
@@ -407,10 +347,7 @@ def main(argv=None) -> dict:
             res["timing"] = timing_section(PARAM_SETS[args.timing_set], device,
                                            [int(w) for w in args.timing_windows.split(",")],
                                            args.warmup, args.repeats, log)
-        if args.json:
-            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-            with open(args.json, "w") as f:
-                json.dump(res, f, indent=1)
+        write_json(res, args.json)
     if args.markdown:
         print(markdown(res))
     return res

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Benchmark MicroAdam against AdamW and the 8-/4-bit peers: state bytes, step time, peak memory.
 
 Everything is measured in this run; nothing is taken from papers.
@@ -28,9 +27,9 @@ path of this benchmark only, so the peers need not be installed where they chang
 
 Examples::
 
-    python recipes/benchmark_microadam.py --json bench.json --markdown
-    python recipes/benchmark_microadam.py --quick               # smoke run, a few seconds
-    python recipes/benchmark_microadam.py --from-json bench.json --markdown   # tables only
+    python -m recipes.benchmarks.microadam --json bench.json --markdown
+    python -m recipes.benchmarks.microadam --quick               # smoke run, a few seconds
+    python -m recipes.benchmarks.microadam --from-json bench.json --markdown   # tables only
 """
 
 from __future__ import annotations
@@ -39,10 +38,8 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -55,39 +52,23 @@ from hf_compressed_optim import kernels as K
 from hf_compressed_optim.kernels import TopKLayout
 from hf_compressed_optim.kernels import reference as ref
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks"))
-from process_memory import reset_peak, rss_bytes, vm_hwm  # noqa: E402  (shared with run.py)
-from measure import make_params, sync  # noqa: E402
-from roster import add_peers_path, peer_versions  # noqa: E402
-
-CHILD_MARKER = "BENCH_CHILD_RESULT "
-
+from .common import (TINYLLAMA, add_peers_path, build_llama, child_result, llama_shapes,
+                     machine_info, make_params, md_table, peer_versions, report_to_parent,
+                     start_child, sync, versions, write_json)
+from .process_memory import reset_peak, rss_bytes, vm_hwm
 
 # ============================================================================ parameter sets
-def llama_shapes(hidden: int, intermediate: int, heads: int, kv_heads: int, layers: int,
-                 final_norm: bool = True) -> list[tuple[int, ...]]:
-    """Weight shapes of ``layers`` LLaMA decoder layers (nn.Linear weights are [out, in])."""
-    head_dim = hidden // heads
-    kv = kv_heads * head_dim
-    layer = [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden),  # q k v o
-             (intermediate, hidden), (intermediate, hidden), (hidden, intermediate),  # gate up down
-             (hidden,), (hidden,)]  # input / post-attention RMSNorm
-    return layer * layers + ([(hidden,)] if final_norm else [])
-
-
 PARAM_SETS = {
     # two decoder layers of TinyLlama-1.1B (hidden 2048, MLP 5632, 32 heads, 4 KV heads): 88.1M
-    "tinyllama-1.1b-2layers": dict(hidden=2048, intermediate=5632, heads=32, kv_heads=4, layers=2),
+    "tinyllama-1.1b-2layers": dict(**TINYLLAMA, layers=2),
     # small stand-in with the same structure for --quick
     "quick": dict(hidden=128, intermediate=352, heads=4, kv_heads=2, layers=2),
 }
 
 TRAINER_MODELS = {
-    # LLaMA built from a LlamaConfig for (c): 12 layers, hidden 768, MLP 2048, byte vocabulary
-    "llama-85m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                      num_attention_heads=12),
-    "quick": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                  num_attention_heads=2),
+    # (hidden, layers, MLP, heads, KV heads) of the LLaMA (byte vocabulary) trained in (c)
+    "llama-85m": (768, 12, 2048, 12, 12),
+    "quick": (64, 1, 128, 2, 2),
 }
 
 
@@ -276,17 +257,12 @@ def profile_microadam(params, device, repeats: int, op_table: bool = True) -> di
 # ============================================================================ (c) Trainer peak
 def trainer_child(optim: str, model_key: str, steps: int, batch: int, seed: int) -> dict:
     """Runs in a fresh process: train a LLaMA with Trainer(optim=...), report memory peaks."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
     from hf_compressed_optim import offline_corpus
 
     use_cuda = torch.cuda.is_available()
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=256, max_position_embeddings=128, tie_word_embeddings=False,
-                      num_key_value_heads=TRAINER_MODELS[model_key]["num_attention_heads"],
-                      bos_token_id=None, eos_token_id=None, pad_token_id=None,
-                      **TRAINER_MODELS[model_key])
-    model = LlamaForCausalLM(cfg)
+    model = build_llama(TRAINER_MODELS[model_key], seed, max_positions=128)
     n_params = sum(p.numel() for p in model.parameters())
     data = offline_corpus.lm_datasets(block_size=128, seed=seed, max_blocks=64)["train"]
     targs = TrainingArguments(output_dir="/tmp/hco_bench_trainer", optim=optim, max_steps=steps,
@@ -309,7 +285,7 @@ def trainer_child(optim: str, model_key: str, steps: int, batch: int, seed: int)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * \
             (1 if sys.platform == "darwin" else 1024)
         method = "resource.getrusage(RUSAGE_SELF).ru_maxrss (whole process, incl. setup)"
-    opt = hco.memory.unwrap_optimizer(trainer.optimizer)
+    opt = hco.unwrap_optimizer(trainer.optimizer)
     res = dict(optim=optim, optimizer_class=f"{type(opt).__module__}.{type(opt).__name__}",
                params=n_params, steps=steps, batch=batch, seconds=seconds,
                train_loss=out.training_loss, state_bytes=hco.optimizer_state_bytes(opt)["total"],
@@ -320,45 +296,24 @@ def trainer_child(optim: str, model_key: str, steps: int, batch: int, seed: int)
     return res
 
 
-def run_trainer_children(optims, model_key, steps, batch, seed, parallel, peers_path, log):
-    env = dict(os.environ)
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("HF_DATASETS_OFFLINE", "1")
-    env["PYTHONWARNINGS"] = "ignore"
-    if peers_path:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [peers_path, env.get("PYTHONPATH")]))
-    cmds = {o: [sys.executable, os.path.abspath(__file__), "--_trainer-child", o,
-                "--_trainer-model", model_key, "--_trainer-steps", str(steps),
-                "--_trainer-batch", str(batch), "--seed", str(seed)] for o in optims}
-    results = {}
-
-    def collect(o, proc):
-        out, err = proc.communicate()
-        for line in out.splitlines():
-            if line.startswith(CHILD_MARKER):
-                results[o] = json.loads(line[len(CHILD_MARKER):])
-                break
-        else:
-            results[o] = dict(optim=o, error=(err or out).strip().splitlines()[-1:][0][:300]
-                              if (err or out).strip() else f"exit {proc.returncode}")
-        r = results[o]
+def run_trainer_children(optims: list[str], model_key: str, steps: int, batch: int, seed: int,
+                         parallel: bool, peers_path: str | None, log) -> dict:
+    """(c) for each optimizer in a fresh process (all at once with ``parallel``)."""
+    procs = {}
+    for o in optims:
+        procs[o] = start_child("recipes.benchmarks.microadam", [
+            "--_trainer-child", o, "--_trainer-model", model_key, "--_trainer-steps", str(steps),
+            "--_trainer-batch", str(batch), "--seed", str(seed)], peers_path)
+        if not parallel:
+            procs[o] = child_result(procs[o])
+    results = {o: p if isinstance(p, dict) else child_result(p) for o, p in procs.items()}
+    for o, r in results.items():
         if "error" in r:
             log(f"  {o:20s} FAILED: {r['error']}")
         else:
             log(f"  {o:20s} peak RSS {r['peak_rss_bytes'] / 2**20:8.1f} MiB (before train "
                 f"{r['rss_before_train_bytes'] / 2**20:.1f} MiB), state "
                 f"{r['state_bytes'] / 2**20:.1f} MiB, {r['seconds']:.1f}s")
-
-    procs = []
-    for o, cmd in cmds.items():
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=env)
-        if parallel:
-            procs.append((o, proc))
-        else:
-            collect(o, proc)
-    for o, proc in procs:
-        collect(o, proc)
     base = results.get("adamw_torch", {})
     for r in results.values():
         if "peak_rss_bytes" in r and "peak_rss_bytes" in base:
@@ -368,95 +323,48 @@ def run_trainer_children(optims, model_key, steps, batch, seed, parallel, peers_
 
 
 # ============================================================================ report
-def machine_info() -> dict:
-    model = platform.processor() or platform.machine()
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.lower().startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-    except Exception:
-        pass
-    info = dict(cpu=model, cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
-                python=platform.python_version(), torch=torch.__version__,
-                platform=platform.platform())
-    for mod in ("transformers", "accelerate", "peft", "datasets"):
-        try:
-            info[mod] = __import__(mod).__version__
-        except Exception:
-            info[mod] = "unavailable"
-    info["hf_compressed_optim"] = hco.__version__
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:  # which optimizer/kernel code was measured
-        git = ["git", "-C", repo]
-        info["git_commit"] = subprocess.run(git + ["rev-parse", "--short", "HEAD"],
-                                            capture_output=True, text=True,
-                                            timeout=10).stdout.strip() or None
-        dirty = subprocess.run(git + ["status", "--porcelain", "--", "kernels",
-                                      "hf_compressed_optim"], capture_output=True, text=True,
-                               timeout=10).stdout.strip()
-        info["git_dirty_paths"] = [line[3:] for line in dirty.splitlines()]
-    except Exception:
-        info["git_commit"] = None
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
 def to_markdown(res: dict) -> str:
-    lines = []
-    ps = res["param_set"]
-    lines.append(f"Parameter set `{ps['name']}`: {ps['numel']:,} parameters in {ps['tensors']} "
-                 f"tensors, {res['device']}, fp32 params and grads.\n")
-    lines.append("| optimizer | state B/param | step median (ms) | step min (ms) | × AdamW foreach "
-                 "| × AdamW fused | roofline B/param | roofline GB/s |")
-    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for name, r in res["optimizers"].items():
-        if "error" in r:
-            lines.append(f"| {name} | failed: {r['error'][:80]} | | | | | | |")
-            continue
-        med = r.get("step_median_s")
-        lines.append(
-            f"| {name} | {r['bytes_per_param']:.4f} | "
-            f"{med * 1e3:.1f} | {r['step_min_s'] * 1e3:.1f} | "
-            f"{r.get('ratio_to_adamw_foreach', float('nan')):.2f} | "
-            f"{r.get('ratio_to_adamw_fused', float('nan')):.2f} | "
-            f"{r['roofline_bytes_per_param']:.2f} | {r['roofline_GBps']:.1f} |")
+    """The tables of a run (or of its JSON)."""
+    ps, nan = res["param_set"], float("nan")
+    lines = [f"Parameter set `{ps['name']}`: {ps['numel']:,} parameters in {ps['tensors']} "
+             f"tensors, {res['device']}, fp32 params and grads.\n"]
+    lines += md_table(
+        ["optimizer", "state B/param", "step median (ms)", "step min (ms)", "× AdamW foreach",
+         "× AdamW fused", "roofline B/param", "roofline GB/s"], "lrrrrrrr",
+        [(name, r) if "error" in r else
+         [name, f"{r['bytes_per_param']:.4f}", f"{r['step_median_s'] * 1e3:.1f}",
+          f"{r['step_min_s'] * 1e3:.1f}", f"{r.get('ratio_to_adamw_foreach', nan):.2f}",
+          f"{r.get('ratio_to_adamw_fused', nan):.2f}", f"{r['roofline_bytes_per_param']:.2f}",
+          f"{r['roofline_GBps']:.1f}"] for name, r in res["optimizers"].items()])
     prof = res.get("profile")
     if prof:
         lines.append(f"\nMicroAdam step on the same set ({prof['step_median_s'] * 1e3:.0f} ms "
                      f"median of {prof['repeats']} profiled steps), self time of each kernel in "
                      f"`{prof.get('module', 'kernels.reference')}`:\n")
-        lines.append("| kernel (self time) | ms | share of step |")
-        lines.append("|---|---:|---:|")
-        for k, v in sorted(prof["self_time_s"].items(), key=lambda kv: -kv[1]):
-            lines.append(f"| {k} | {v * 1e3:.1f} | {prof['share'][k] * 100:.0f}% |")
+        lines += md_table(["kernel (self time)", "ms", "share of step"], "lrr",
+                          [[k, f"{v * 1e3:.1f}", f"{prof['share'][k] * 100:.0f}%"] for k, v in
+                           sorted(prof["self_time_s"].items(), key=lambda kv: -kv[1])])
         if prof.get("top_ops"):
             lines.append("\nTop aten operators of one step (torch.profiler, self CPU time):\n")
-            lines.append("| op | calls | self ms | share |")
-            lines.append("|---|---:|---:|---:|")
-            for o in prof["top_ops"]:
-                lines.append(f"| {o['op']} | {o['calls']} | {o['self_ms']:.1f} | "
-                             f"{o['share'] * 100:.0f}% |")
+            lines += md_table(["op", "calls", "self ms", "share"], "lrrr",
+                              [[o["op"], o["calls"], f"{o['self_ms']:.1f}",
+                                f"{o['share'] * 100:.0f}%"] for o in prof["top_ops"]])
     if res.get("trainer"):
         t = next((v for v in res["trainer"].values() if "params" in v), None)
         if t:
             lines.append(f"\nTrainer peak memory: LLaMA `{res['trainer_model']}` "
                          f"({t['params']:,} params), {t['steps']} steps, batch {t['batch']}x128, "
                          f"fresh process per optimizer; {t['method']}.\n")
-        lines.append("| optim= | optimizer | state MiB | RSS before train (MiB) | peak RSS (MiB) "
-                     "| peak − before (MiB) | peak / adamw_torch |")
-        lines.append("|---|---|---:|---:|---:|---:|---:|")
-        for name, r in res["trainer"].items():
-            if "error" in r:
-                lines.append(f"| {name} | failed: {r['error'][:80]} | | | | | |")
-                continue
-            mib = 2 ** 20
-            lines.append(
-                f"| {name} | {r['optimizer_class']} | {r['state_bytes'] / mib:.1f} | "
-                f"{r['rss_before_train_bytes'] / mib:.0f} | {r['peak_rss_bytes'] / mib:.0f} | "
-                f"{(r['peak_rss_bytes'] - r['rss_before_train_bytes']) / mib:.0f} | "
-                f"{r.get('peak_rss_over_adamw_torch', float('nan')):.3f} |")
+        mib = 2 ** 20
+        lines += md_table(
+            ["optim=", "optimizer", "state MiB", "RSS before train (MiB)", "peak RSS (MiB)",
+             "peak − before (MiB)", "peak / adamw_torch"], "llrrrrr",
+            [(name, r) if "error" in r else
+             [name, r["optimizer_class"], f"{r['state_bytes'] / mib:.1f}",
+              f"{r['rss_before_train_bytes'] / mib:.0f}", f"{r['peak_rss_bytes'] / mib:.0f}",
+              f"{(r['peak_rss_bytes'] - r['rss_before_train_bytes']) / mib:.0f}",
+              f"{r.get('peak_rss_over_adamw_torch', nan):.3f}"]
+             for name, r in res["trainer"].items()])
     return "\n".join(lines)
 
 
@@ -496,17 +404,16 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.trainer_child:
-        res = trainer_child(args.trainer_child, args.trainer_model, args.trainer_child_steps,
-                            args.trainer_batch, args.seed)
-        print(CHILD_MARKER + json.dumps(res), flush=True)
-        return res
+        return report_to_parent(trainer_child(args.trainer_child, args.trainer_model,
+                                              args.trainer_child_steps, args.trainer_batch,
+                                              args.seed))
     if args.from_json:
         with open(args.from_json) as f:
             res = json.load(f)
         print(to_markdown(res))
         return res
 
-    def log(msg):
+    def log(msg: str) -> None:
         print(msg, flush=True)
 
     add_peers_path(args.peers_path)
@@ -515,11 +422,11 @@ def main(argv=None) -> dict:
     repeats = args.repeats or (3 if args.quick else 7)
     if args.threads or args.quick:  # one thread: tiny tensors, less sensitive to a busy machine
         torch.set_num_threads(args.threads or 1)
-    shapes = llama_shapes(**PARAM_SETS[set_name])
+    shapes = llama_shapes(**PARAM_SETS[set_name], final_norm=True)
     params = make_params(shapes, device, args.seed)
     n = sum(p.numel() for p in params)
     res = dict(date=datetime.date.today().isoformat(), command=" ".join([sys.executable] +
-               sys.argv), device=str(device), machine=machine_info(),
+               sys.argv), device=str(device), machine={**machine_info(), **versions()},
                peers=peer_versions() if not args.no_peers else "skipped (--no-peers)",
                param_set=dict(name=set_name, numel=n, tensors=len(shapes),
                               config=PARAM_SETS[set_name]),
@@ -571,8 +478,7 @@ def main(argv=None) -> dict:
     if device.type != "cuda":
         res["gpu"] = "pending: no CUDA device in this run"
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+        write_json(res, args.json, indent=2)
         log(f"wrote {args.json}")
     if args.markdown:
         print(to_markdown(res))
