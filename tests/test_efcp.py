@@ -502,9 +502,13 @@ def test_lowrank_compressor_refuses_sharded_dtensor_parameters():
     preconditioner (top-k works on shards: tests/test_fsdp2.py)."""
     from torch.distributed.tensor import Shard
 
+    class FakeMesh:
+        def get_group(self, dim):
+            return None  # a one-process "mesh": nothing to reduce over
+
     class FakeShardedDTensor(torch.nn.Parameter):
         placements = (Shard(0),)
-        device_mesh = None
+        device_mesh = FakeMesh()
 
         def to_local(self):
             return self.data

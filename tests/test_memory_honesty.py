@@ -33,7 +33,7 @@ _WALKER = textwrap.dedent('''
     }
     result = {}
     for name in sys.argv[1:]:
-        before = hco.memory.live_tensor_storages()
+        before = hco.core.memory.live_tensor_storages()
         torch.manual_seed(0)
         # the largest tensor dominates: a per-element workspace would show at once
         params = [torch.nn.Parameter(torch.randn(768, 1024)), torch.nn.Parameter(torch.randn(96, 64)),
@@ -43,7 +43,7 @@ _WALKER = textwrap.dedent('''
             for p in params:
                 p.grad = torch.randn_like(p)
             opt.step()
-        hidden = hco.memory.unaccounted_tensor_bytes(opt, before)
+        hidden = hco.core.memory.unaccounted_tensor_bytes(opt, before)
         param_bytes = sum(p.numel() * p.element_size() for p in params)
         result[name] = [hidden, param_bytes]
         del opt, params
