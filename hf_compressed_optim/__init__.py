@@ -9,7 +9,6 @@ patch-free route for ``Trainer(optimizer_cls_and_kwargs=...)``. Set the environm
 import os as _os
 import warnings as _warnings
 
-from . import kernels
 from .callbacks import OptimizerMemoryCallback, add_memory_callback
 from .integrations.transformers import (
     CompressedTrainerMixin, RegistrationError, optimizer_cls_and_kwargs, register,
@@ -32,7 +31,7 @@ __all__ = [
     "CompressedOptimizer", "CompressedTrainerMixin", "MicroAdam", "OptimizerMemoryCallback",
     "Shampoo", "Shampoo32bit",
     "SparseGGT", "SparseMFAC",
-    "RegistrationError", "add_memory_callback", "kernels", "optimizer_cls_and_kwargs",
+    "RegistrationError", "add_memory_callback", "optimizer_cls_and_kwargs",
     "optimizer_memory_report", "optimizer_state_bytes", "parse_optim_args", "register",
     "__version__",
 ]

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from . import efcp_window as W
-from .kernels import MAX_INT16_BLOCK
+from .kernels.layout import MAX_INT16_BLOCK
 from .optimizer_base import CompressedOptimizer, as_float, local_tensor
 from .sharded_state import is_sharded
 from .validation import check_choice, check_float, check_int, check_lr

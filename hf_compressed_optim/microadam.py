@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from . import kernels as K
-from .kernels import MAX_INT16_BLOCK, TopKLayout
+from .kernels import dispatch as K
+from .kernels.layout import MAX_INT16_BLOCK, TopKLayout
 from .optimizer_base import CompressedOptimizer, as_float, local_tensor
 from .validation import check_betas, check_float, check_int, check_lr
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import kernels as K
+from .kernels import dispatch as K
 from .kernels.codebook import CODEBOOKS, absmax_blocks, packed_cols
 from .matrix_functions import (
     bjorck, compose, eigen_inverse_root, eigh_inverse_root, finite_per_matrix,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_compressed_optim import kernels as K
+from hf_compressed_optim.kernels import dispatch as K
 from hf_compressed_optim.kernels import codebook as C
 
 LINEAR2_TABLE = [-1.0, -0.7511, -0.5378, -0.3600, -0.2178, -0.1111, -0.0400, 0.0, 0.0044, 0.0400,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import hf_compressed_optim as hco
-from hf_compressed_optim import kernels as K
+from hf_compressed_optim.kernels import dispatch as K
 
 
 def _optimizers():
@@ -77,3 +77,27 @@ def test_bad_backend_name_is_a_value_error(monkeypatch):
     monkeypatch.setenv(K.ENV_VAR, "cuda")
     with pytest.raises(ValueError, match="HCO_KERNEL_BACKEND must be one of"):
         K.backend_for(torch.zeros(1))
+
+
+def test_repo_kernels_dir_does_not_shadow_an_installed_kernels_package(tmp_path):
+    """From the repository root ``import kernels`` finds an installed regular package of that
+    name (Hugging Face's ``kernels``): the repo's ``kernels/`` is a namespace directory, shipped
+    only as ``hf_compressed_optim.kernels``, which imports from anywhere."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    fake = tmp_path / "site" / "kernels"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("MARKER = 'installed kernels'\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake.parent), root]))
+    run = dict(capture_output=True, text=True, timeout=120, env=env)
+    out = subprocess.run([sys.executable, "-c", "import kernels; print(kernels.MARKER)"],
+                         cwd=root, **run)
+    assert out.returncode == 0 and out.stdout.strip() == "installed kernels", out.stderr[-2000:]
+    code = ("import hf_compressed_optim.kernels.dispatch as d, os; "
+            "print(os.path.realpath(d.__file__))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, **run)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == os.path.join(os.path.realpath(root), "kernels", "dispatch.py")

@@ -13,8 +13,8 @@ import torch
 triton = pytest.importorskip("triton")
 
 import hf_compressed_optim as hco  # noqa: E402
-from hf_compressed_optim import kernels as K  # noqa: E402
-from hf_compressed_optim.kernels import TopKLayout  # noqa: E402
+from hf_compressed_optim.kernels import dispatch as K  # noqa: E402
+from hf_compressed_optim.kernels.layout import TopKLayout  # noqa: E402
 from hf_compressed_optim.kernels import reference as R  # noqa: E402
 from hf_compressed_optim.kernels import triton_kernels as T  # noqa: E402
 

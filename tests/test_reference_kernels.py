@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from hf_compressed_optim.kernels import TopKLayout, entries_per_block, reference as R
+from hf_compressed_optim.kernels import reference as R
+from hf_compressed_optim.kernels.layout import TopKLayout, entries_per_block
 
 from _numerics import bf16_half_ulp
 

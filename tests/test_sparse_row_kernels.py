@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from hf_compressed_optim import kernels as K
-from hf_compressed_optim.kernels import TopKLayout
+from hf_compressed_optim.kernels import dispatch as K
+from hf_compressed_optim.kernels.layout import TopKLayout
 from hf_compressed_optim.kernels import reference as R
 from hf_compressed_optim.kernels import sparse_rows as S
 

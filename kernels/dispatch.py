@@ -23,6 +23,7 @@ import os
 import torch
 
 from . import reference
+from .codebook import CODEBOOKS, absmax_blocks, packed_cols
 from .layout import MAX_INT16_BLOCK, TopKLayout, entries_per_block
 
 ENV_VAR = "HCO_KERNEL_BACKEND"
@@ -37,7 +38,7 @@ class KernelBackendError(RuntimeError):
 def _import_triton_module(name: str):
     """(module, None) or (None, why it failed) for the Triton module ``name`` of this package."""
     try:
-        return importlib.import_module(f".{name}", __name__), None
+        return importlib.import_module(f".{name}", __package__), None
     except Exception as err:  # ImportError, or triton failing to initialise
         return None, f"{type(err).__name__}: {err}"
 
