@@ -1,11 +1,10 @@
-"""What every Triton kernel here shares: the optional import of triton, bf16 loads and stores,
-launch settings and host-side helpers.
+"""What the Triton kernels share: the optional import of triton, bf16 loads/stores, helpers.
 
 triton is optional (CPU users, macOS): without it, or when it fails to import or to compile a
 kernel's source, :data:`UNAVAILABLE` says why, :func:`jit` leaves the kernels as plain functions
 that never run, and the dispatcher uses the PyTorch twins. Kernel modules use
-``from __future__ import annotations``, so ``tl.constexpr`` annotations are strings, which
-triton reads as well; the module then imports without triton.
+``from __future__ import annotations`` (``tl.constexpr`` annotations stay strings, which triton
+reads), so they import without triton.
 
 Numerics (all kernels): math is fp32; bf16 tensors travel as their int16 bit patterns (a load
 widens them exactly, a store rounds to nearest even with integer arithmetic, exact on every

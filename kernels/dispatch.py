@@ -56,10 +56,6 @@ def triton_available() -> bool:
     return _triton.UNAVAILABLE is None
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "").strip() == "1"
-
-
 def _choice() -> str:
     choice = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
     if choice not in _CHOICES:
@@ -77,7 +73,7 @@ def _use_triton(op: str, tensor: torch.Tensor) -> bool:
         return tensor.is_cuda and why is None
     if why is not None:
         reason = f"triton could not be imported ({why})"
-    elif not tensor.is_cuda and not _interpreted():
+    elif not tensor.is_cuda and os.environ.get("TRITON_INTERPRET", "").strip() != "1":
         reason = ("Triton runs on CUDA tensors, or on CPU tensors only under TRITON_INTERPRET=1 "
                   "(set before triton is imported)")
     else:

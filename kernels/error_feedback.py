@@ -130,10 +130,8 @@ def _ef_compress_kernel(g_ptr, codes_ptr, mins_ptr, maxs_ptr, idx_ptr, val_ptr,
 
 def fusable(layout: TopKLayout, bucket: int) -> tuple[int, int] | None:
     """(NBP, HP) tile of the fused error-feedback kernel, or None when it does not apply."""
-    if bucket < 2 or bucket % 2:
-        return None
-    aligned = layout.block % bucket == 0 or (layout.num_full == 1 and layout.tail == 0)
-    if not aligned:
+    if bucket < 2 or bucket % 2 or not (layout.block % bucket == 0
+                                        or (layout.num_full == 1 and layout.tail == 0)):
         return None
     nbp = np2(-(-layout.block // bucket))
     hp = np2(bucket // 2)

@@ -210,8 +210,6 @@ def dequantize_add_triton(codes: torch.Tensor, mins: torch.Tensor, maxs: torch.T
 def dequantize4_triton(codes: torch.Tensor, mins: torch.Tensor, maxs: torch.Tensor, numel: int,
                        bucket: int) -> torch.Tensor:
     """Triton twin of :func:`dequantize4`."""
-    if numel == 0:
-        return torch.zeros(0, dtype=torch.float32, device=codes.device)
     if mins.dtype not in FLOAT_DTYPES:
         return dequantize4(codes, mins, maxs, numel, bucket)
     return dequantize_add_triton(codes, mins, maxs, numel, bucket)

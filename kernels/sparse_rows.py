@@ -30,7 +30,7 @@ import torch
 from ._triton import (FLOAT_DTYPES, LAUNCH, arg, block_geometry, chunk, flat, jit, load_f32,
                       on_device, tl, triton)
 from .layout import TopKLayout
-from .topk import abs_positions, absolute_indices, col_args
+from .topk import abs_positions, absolute_indices, col_args, row_entries
 
 #: elements of the per-chunk temporaries (gathered values, positions)
 CHUNK_ELEMENTS = 1 << 22
@@ -121,11 +121,7 @@ def _sparse_rows_combine_kernel(out_ptr, idx_ptr, vals_ptr, coef_ptr, k, nrows, 
         coef = tl.load(coef_ptr + r)
         rbase = tl.cast(r, tl.int64) * k + col0
         for j0 in range(0, kb, KCH):
-            cols = j0 + kofs
-            mask = cols < kb
-            rel = tl.load(idx_ptr + rbase + cols, mask=mask, other=0).to(tl.int64)
-            inb = mask & (rel >= 0) & (rel < blen)  # inside this block (and the tensor)
-            v = load_f32(vals_ptr + rbase, cols, inb, V_BF16)
+            rel, v, inb = row_entries(idx_ptr, vals_ptr, rbase, j0 + kofs, kb, blen, V_BF16)
             cur = tl.load(out_ptr + base + rel, mask=inb, other=0.0)
             tl.store(out_ptr + base + rel, cur + coef * v, mask=inb)
         tl.debug_barrier()

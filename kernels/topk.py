@@ -140,6 +140,17 @@ def abs_positions(idx_ptr, cols, mask, block, num_full, k_full, kf_div, n):
 
 
 @jit
+def row_entries(idx_ptr, vals_ptr, rbase, c, kb, blen, V_BF16: tl.constexpr):
+    """(block-relative index, fp32 value, mask) of the window entries at columns ``rbase + c``
+    (``c < kb``) of one block; indices outside [0, blen) are masked off, so a program that owns
+    the block never writes outside it."""
+    mk = c < kb
+    j = tl.load(idx_ptr + rbase + c, mask=mk, other=0).to(tl.int32)
+    mk = mk & (j >= 0) & (j < blen)
+    return j, load_f32(vals_ptr + rbase, c, mk, V_BF16), mk
+
+
+@jit
 def _gather_kernel(x_ptr, idx_ptr, out_ptr, k, block, num_full, k_full, kf_div, n,
                    X_BF16: tl.constexpr, BK: tl.constexpr):
     cols = tl.program_id(0) * BK + tl.arange(0, BK)

@@ -16,7 +16,7 @@ import torch
 from ._triton import (FLOAT_DTYPES, LAUNCH, Out, arg, bf16_rne_bits, block_geometry, chunk, jit,
                       load_f32, on_device, store_f32, tl)
 from .layout import TopKLayout
-from .topk import absolute_indices
+from .topk import absolute_indices, row_entries
 
 # Upper bound of the persistent grid of window_adam_update_triton (None: a multiple of the SM
 # count on GPU, one program per block under the interpreter). Tests lower it to exercise the
@@ -175,15 +175,7 @@ def _window_adam_kernel(p_ptr, idx_ptr, vals_ptr, w1_ptr, w2_ptr, scratch_ptr, d
             w2 = tl.load(w2_ptr + r)
             rbase = tl.cast(r, tl.int64) * k + col0
             for c0 in range(0, kb, KCH):
-                c = c0 + kofs
-                mk = c < kb
-                j = tl.load(idx_ptr + rbase + c, mask=mk, other=0).to(tl.int32)
-                mk = mk & (j >= 0) & (j < blen)  # never write outside this program's slot
-                if V_BF16:  # inlined load_f32: helper calls are slow under the interpreter
-                    vh = tl.load(vals_ptr + rbase + c, mask=mk, other=0)
-                    val = (vh.to(tl.int32) << 16).to(tl.float32, bitcast=True)
-                else:
-                    val = tl.load(vals_ptr + rbase + c, mask=mk, other=0).to(tl.float32)
+                j, val, mk = row_entries(idx_ptr, vals_ptr, rbase, c0 + kofs, kb, blen, V_BF16)
                 mo = tl.load(m_base + j, mask=mk, other=0.0)
                 vo = tl.load(v_base + j, mask=mk, other=0.0)
                 t2 = (w2 * val) * val
