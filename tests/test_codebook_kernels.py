@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_compressed_optim import kernels as K
+from hf_compressed_optim.kernels import dispatch as K
 from hf_compressed_optim.kernels import codebook as C
 
 LINEAR2_TABLE = [-1.0, -0.7511, -0.5378, -0.3600, -0.2178, -0.1111, -0.0400, 0.0, 0.0044, 0.0400,
@@ -115,10 +115,10 @@ def test_diagonal_split_keeps_diagonal_exact_and_excludes_it_from_absmax():
 
 
 # ---------------------------------------------------------------------- Triton twins
-triton_mod = pytest.importorskip("hf_compressed_optim.kernels.codebook_triton",
-                                 reason="triton not installed")
+needs_triton = pytest.mark.skipif(not K.triton_available(), reason="triton not usable")
 
 
+@needs_triton
 @pytest.mark.parametrize("name", C.CODEBOOKS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape,block", [((3, 5, 7), 4), ((2, 5, 130), 64), ((2, 13, 13), 6),
@@ -127,20 +127,21 @@ def test_triton_twins_bitwise(name, dtype, shape, block):
     torch.manual_seed(2)
     x = (torch.randn(shape) * torch.logspace(-2, 1, shape[-1])).to(dtype)
     ref = C.quantize_rows(x, name, block)
-    got = triton_mod.quantize_rows(x, name, block)
+    got = C.quantize_rows_triton(x, name, block)
     assert torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1])
     cols = shape[-1]
     for out_dtype in (torch.float32, torch.bfloat16):
         assert torch.equal(C.dequantize_rows(*ref, cols, name, block, out_dtype),
-                           triton_mod.dequantize_rows(*got, cols, name, block, out_dtype))
+                           C.dequantize_rows_triton(*got, cols, name, block, out_dtype))
     if shape[-1] == shape[-2]:
         ref = C.quantize_offdiag(x, name, block)
-        got = triton_mod.quantize_offdiag(x, name, block)
+        got = C.quantize_offdiag_triton(x, name, block)
         assert all(torch.equal(a, b) for a, b in zip(ref, got))
         assert torch.equal(C.dequantize_offdiag(*ref, name, block),
-                           triton_mod.dequantize_offdiag(*got, name, block))
+                           C.dequantize_offdiag_triton(*got, name, block))
 
 
+@needs_triton
 def test_dispatch_respects_backend_env(monkeypatch):
     x = torch.randn(4, 6)
     monkeypatch.setenv("HCO_KERNEL_BACKEND", "torch")
@@ -153,9 +154,10 @@ def test_dispatch_respects_backend_env(monkeypatch):
     assert d.shape == (6, 6)
 
 
+@needs_triton
 @pytest.mark.gpu
 def test_triton_on_cuda_matches_twin(cuda_device):
     x = torch.randn(8, 1200, 1200, device=cuda_device)
     ref = C.quantize_offdiag(x, "linear2", 64)
-    got = triton_mod.quantize_offdiag(x, "linear2", 64)
+    got = C.quantize_offdiag_triton(x, "linear2", 64)
     assert all(torch.equal(a, b) for a, b in zip(ref, got))

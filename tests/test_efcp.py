@@ -11,7 +11,7 @@ import torch
 from hf_compressed_optim import optimizer_memory_report
 from hf_compressed_optim.efcp import lowrank as LR
 from hf_compressed_optim.efcp.window import layout_of
-from hf_compressed_optim.kernels import reference as R
+from hf_compressed_optim.kernels.topk import absolute_indices
 from hf_compressed_optim import SparseGGT, SparseMFAC
 
 from _numerics import fit_losses
@@ -73,7 +73,7 @@ def _window_rows(opt, params, nrows):
         layout = layout_of(s, p.numel())
         dense = torch.zeros(nrows, p.numel(), dtype=torch.float64)
         for i in range(nrows):
-            pos = R.absolute_indices(s["window_indices"][i], layout)
+            pos = absolute_indices(s["window_indices"][i], layout)
             dense[i, pos] = s["window_values"][i].double()
         parts.append(dense)
     return torch.cat(parts, dim=1)

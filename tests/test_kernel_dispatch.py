@@ -3,13 +3,14 @@ error (op, device, alternative); automatic selection falls back to the PyTorch t
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
 import torch
 
 import hf_compressed_optim as hco
-from hf_compressed_optim import kernels as K
+from hf_compressed_optim.kernels import dispatch as K
 
 
 def _optimizers():
@@ -47,8 +48,7 @@ def test_forced_triton_on_cpu_without_interpreter_raises_clear_error(name, monke
 
 @pytest.mark.parametrize("name", list(_optimizers()))
 def test_forced_triton_without_triton_raises_and_auto_falls_back_quietly(name, monkeypatch):
-    monkeypatch.setattr(K, "_import_triton_module",
-                        lambda module: (None, "ImportError: No module named 'triton'"))
+    monkeypatch.setattr(K._triton, "UNAVAILABLE", "ImportError: No module named 'triton'")
     monkeypatch.setenv(K.ENV_VAR, "triton")
     with pytest.raises(K.KernelBackendError, match="triton could not be imported"):
         _step_twice(_optimizers()[name])
@@ -57,6 +57,30 @@ def test_forced_triton_without_triton_raises_and_auto_falls_back_quietly(name, m
         warnings.simplefilter("error")
         params = _step_twice(_optimizers()[name])
     assert all(torch.isfinite(p).all() for p in params)
+
+
+def test_every_family_imports_and_steps_without_triton():
+    """No triton at all (CPU, macOS): the package imports, auto uses the twins, forced raises."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import os, torch\n"
+            "from hf_compressed_optim.kernels import dispatch as K\n"
+            "import test_kernel_dispatch as t\n"
+            "assert not K.triton_available()\n"
+            "for name, make in t._optimizers().items():\n"
+            "    assert all(torch.isfinite(p).all() for p in t._step_twice(make)), name\n"
+            "os.environ[K.ENV_VAR] = 'triton'\n"
+            "try:\n"
+            "    K.block_topk(torch.ones(8), K.TopKLayout.create(8, 8, 0.5))\n"
+            "except K.KernelBackendError as err:\n"
+            "    assert 'triton could not be imported' in str(err)\n"
+            "else:\n"
+            "    raise AssertionError('forced triton without triton did not raise')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert out.returncode == 0, out.stderr[-2000:]
 
 
 def test_each_op_names_itself(monkeypatch):
@@ -77,3 +101,26 @@ def test_bad_backend_name_is_a_value_error(monkeypatch):
     monkeypatch.setenv(K.ENV_VAR, "cuda")
     with pytest.raises(ValueError, match="HCO_KERNEL_BACKEND must be one of"):
         K.backend_for(torch.zeros(1))
+
+
+def test_repo_kernels_dir_does_not_shadow_an_installed_kernels_package(tmp_path):
+    """From the repository root ``import kernels`` finds an installed regular package of that
+    name (Hugging Face's ``kernels``): the repo's ``kernels/`` is a namespace directory, shipped
+    only as ``hf_compressed_optim.kernels``, which imports from anywhere."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    fake = tmp_path / "site" / "kernels"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("MARKER = 'installed kernels'\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake.parent), root]))
+    run = dict(capture_output=True, text=True, timeout=120, env=env)
+    out = subprocess.run([sys.executable, "-c", "import kernels; print(kernels.MARKER)"],
+                         cwd=root, **run)
+    assert out.returncode == 0 and out.stdout.strip() == "installed kernels", out.stderr[-2000:]
+    code = ("import hf_compressed_optim.kernels.dispatch as d, os; "
+            "print(os.path.realpath(d.__file__))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, **run)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == os.path.join(os.path.realpath(root), "kernels", "dispatch.py")

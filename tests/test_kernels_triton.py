@@ -1,4 +1,4 @@
-"""Triton kernels against their PyTorch twins (kernels/reference.py).
+"""MicroAdam's Triton kernels (``*_triton``) against their PyTorch twins beside them.
 
 Without a GPU the kernels run under the Triton interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1), so sizes stay small; the ``gpu`` tests repeat the comparisons on CUDA at
@@ -13,10 +13,10 @@ import torch
 triton = pytest.importorskip("triton")
 
 import hf_compressed_optim as hco  # noqa: E402
-from hf_compressed_optim import kernels as K  # noqa: E402
-from hf_compressed_optim.kernels import TopKLayout  # noqa: E402
-from hf_compressed_optim.kernels import reference as R  # noqa: E402
-from hf_compressed_optim.kernels import triton_kernels as T  # noqa: E402
+from hf_compressed_optim.kernels import dispatch as K  # noqa: E402
+from hf_compressed_optim.kernels import error_feedback as EF  # noqa: E402
+from hf_compressed_optim.kernels import quant4 as Q, topk as TK, window_adam as WA  # noqa: E402
+from hf_compressed_optim.kernels.layout import TopKLayout  # noqa: E402
 
 from _numerics import bf16_ceil, bf16_floor  # noqa: E402
 
@@ -79,7 +79,7 @@ def _assert_params_close(a: torch.Tensor, b: torch.Tensor):
 def _window(layout: TopKLayout, window: int, seed=0, device="cpu", vdtype=torch.bfloat16):
     """A plausible ring: every row holds valid block top-k indices of random data."""
     g = _gen(seed)
-    idx = torch.stack([R.block_topk(torch.randn(layout.numel, generator=g), layout)
+    idx = torch.stack([TK.block_topk(torch.randn(layout.numel, generator=g), layout)
                        for _ in range(window)]) if layout.k else \
         torch.zeros(window, 0, dtype=torch.int16)
     vals = torch.randn(window, layout.k, generator=g).to(vdtype)
@@ -95,10 +95,10 @@ def _window(layout: TopKLayout, window: int, seed=0, device="cpu", vdtype=torch.
 def test_quantize_dequantize_match_twin(n, bucket, dtype):
     x = _randn(n, dtype, seed=n + bucket, scale=3.0)
     a, b = _qstate(n, bucket, random=False), _qstate(n, bucket, random=False)
-    T.quantize4(x, bucket, *a)
-    R.quantize4(x, bucket, *b)
+    Q.quantize4_triton(x, bucket, *a)
+    Q.quantize4(x, bucket, *b)
     _assert_equal_all(a, b)
-    assert torch.equal(T.dequantize4(*a, n, bucket), R.dequantize4(*b, n, bucket))
+    assert torch.equal(Q.dequantize4_triton(*a, n, bucket), Q.dequantize4(*b, n, bucket))
 
 
 def test_quantize_constant_and_zero_buckets():
@@ -108,13 +108,13 @@ def test_quantize_constant_and_zero_buckets():
     x[32:48] = 0.0   # all-zero bucket
     x[96:] = -2.5    # constant partial tail bucket
     a, b = _qstate(n, bucket, random=False), _qstate(n, bucket, random=False)
-    T.quantize4(x, bucket, *a)
-    R.quantize4(x, bucket, *b)
+    Q.quantize4_triton(x, bucket, *a)
+    Q.quantize4(x, bucket, *b)
     _assert_equal_all(a, b)
     codes = a[0]
     assert int(codes[8:24].abs().sum()) == 0 and int(codes[48:].sum()) == 0
-    deq = T.dequantize4(*a, n, bucket)
-    assert torch.equal(deq, R.dequantize4(*b, n, bucket))
+    deq = Q.dequantize4_triton(*a, n, bucket)
+    assert torch.equal(deq, Q.dequantize4(*b, n, bucket))
     assert torch.equal(deq[32:48], torch.zeros(16))
     assert torch.equal(deq[96:], torch.full((4,), -2.5))
 
@@ -124,11 +124,11 @@ def test_quantize_nibble_order_and_bounds():
     codes = torch.zeros(3, dtype=torch.uint8)
     mins = torch.zeros(1, dtype=torch.bfloat16)
     maxs = torch.zeros(1, dtype=torch.bfloat16)
-    T.quantize4(x, 6, codes, mins, maxs)
+    Q.quantize4_triton(x, 6, codes, mins, maxs)
     assert codes.tolist() == [0x0F, 0xF0, 0x70]  # element 2i in the high nibble, odd n padded
     # min and max rounded to the nearest bf16 (as the twin's copy_), not outward
     x = torch.tensor([-1.0 - 2 ** -9, 1.0 + 2 ** -9])
-    T.quantize4(x, 2, codes[:1], mins, maxs)
+    Q.quantize4_triton(x, 2, codes[:1], mins, maxs)
     assert float(mins) == -1.0 and float(maxs) == 1.0  # inward here: directed rounding was not
 
 
@@ -139,25 +139,25 @@ def test_quantize_fp32_stats_and_noncontiguous():
     nbq = -(-n // bucket)
     big = torch.zeros(2, (n + 1) // 2, dtype=torch.uint8)
     stats = torch.zeros(2, nbq, 2, dtype=torch.float32)
-    T.quantize4(x, bucket, big[1], stats[0, :, 0], stats[1, :, 1])  # strided outputs
+    Q.quantize4_triton(x, bucket, big[1], stats[0, :, 0], stats[1, :, 1])  # strided outputs
     b = (torch.zeros((n + 1) // 2, dtype=torch.uint8), torch.zeros(nbq), torch.zeros(nbq))
-    R.quantize4(x, bucket, *b)  # fp32 stats: exact min/max, no bf16 rounding
+    Q.quantize4(x, bucket, *b)  # fp32 stats: exact min/max, no bf16 rounding
     assert torch.equal(big[1], b[0]) and int(big[0].sum()) == 0
     assert torch.equal(stats[0, :, 0], b[1]) and torch.equal(stats[1, :, 1], b[2])
     assert int(stats[0, :, 1].abs().sum()) == 0
-    got = T.dequantize4(big[1], stats[0, :, 0], stats[1, :, 1], n, bucket)
-    assert torch.equal(got, R.dequantize4(*b, n, bucket))
+    got = Q.dequantize4_triton(big[1], stats[0, :, 0], stats[1, :, 1], n, bucket)
+    assert torch.equal(got, Q.dequantize4(*b, n, bucket))
 
 
 # --------------------------------------------------------------------------------------------
 # block top-k, gather, scatter
 # --------------------------------------------------------------------------------------------
 def _check_topk(x, layout):
-    got = T.block_topk(x, layout)
-    want = R.block_topk(x, layout)
+    got = TK.block_topk_triton(x, layout)
+    want = TK.block_topk(x, layout)
     assert got.dtype == torch.int16 and torch.equal(got, want)
-    g = T.gather_block_values(x, got, layout)
-    assert g.dtype == torch.float32 and torch.equal(g, R.gather_block_values(x, want, layout))
+    g = TK.gather_block_values_triton(x, got, layout)
+    assert g.dtype == torch.float32 and torch.equal(g, TK.gather_block_values(x, want, layout))
     return got
 
 
@@ -197,12 +197,12 @@ def test_scatter_matches_twin(xdtype, vdtype):
     n = 1037
     layout = TopKLayout.create(n, 128, 0.1)
     x = _randn(n, xdtype, seed=2)
-    idx = R.block_topk(_randn(n, seed=9), layout)
+    idx = TK.block_topk(_randn(n, seed=9), layout)
     vals = _randn(layout.k, vdtype, seed=4, scale=5.0)
     for v in (vals, 0.0, 1.2345678):
         a, b = x.clone(), x.clone()
-        T.scatter_block_values(a, idx, v, layout)
-        R.scatter_block_values(b, idx, v, layout)
+        TK.scatter_block_values_triton(a, idx, v, layout)
+        TK.scatter_block_values(b, idx, v, layout)
         assert torch.equal(a, b)
 
 
@@ -211,15 +211,15 @@ def test_gather_scatter_noncontiguous():
     layout = TopKLayout.create(n, 64, 0.2)
     base = _randn(2 * n, seed=1).view(n, 2)
     x = base[:, 0]
-    idx_rows = torch.stack([R.block_topk(_randn(n, seed=3), layout)] * 2, dim=1)  # [k, 2]
+    idx_rows = torch.stack([TK.block_topk(_randn(n, seed=3), layout)] * 2, dim=1)  # [k, 2]
     idx = idx_rows[:, 1]
     assert not x.is_contiguous() and not idx.is_contiguous()
-    assert torch.equal(T.gather_block_values(x, idx, layout),
-                       R.gather_block_values(x, idx, layout))
+    assert torch.equal(TK.gather_block_values_triton(x, idx, layout),
+                       TK.gather_block_values(x, idx, layout))
     vals = _randn(layout.k, seed=8)
     want = x.clone()
-    R.scatter_block_values(want, idx, vals, layout)
-    T.scatter_block_values(x, idx, vals, layout)
+    TK.scatter_block_values(want, idx, vals, layout)
+    TK.scatter_block_values_triton(x, idx, vals, layout)
     assert torch.equal(base[:, 0], want) and torch.equal(base[:, 1], _randn(2 * n, seed=1)[1::2])
 
 
@@ -228,7 +228,7 @@ def test_topk_2d_input_and_large_block_fallback():
     _check_topk(x, TopKLayout.create(x.numel(), 128, 0.1))
     layout = TopKLayout.create(70000, 70000, 0.0001)  # beyond MAX_TOPK_TILE: twin fallback
     y = _randn(70000, seed=7)
-    assert torch.equal(T.block_topk(y, layout), R.block_topk(y, layout))
+    assert torch.equal(TK.block_topk_triton(y, layout), TK.block_topk(y, layout))
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,8 +244,8 @@ def test_window_adam_update_matches_twin(n, block, density, window, step, pdtype
     p = _randn(n, pdtype, seed=step)
     wd = 0.1 if step % 2 else 0.0
     a, b = p.clone(), p.clone()
-    T.window_adam_update(a, idx, vals, layout, step, 0.9, 0.999, 1e-8, 1e-3, wd)
-    R.window_adam_update(b, idx, vals, layout, step, 0.9, 0.999, 1e-8, 1e-3, wd)
+    WA.window_adam_update_triton(a, idx, vals, layout, step, 0.9, 0.999, 1e-8, 1e-3, wd)
+    WA.window_adam_update(b, idx, vals, layout, step, 0.9, 0.999, 1e-8, 1e-3, wd)
     _assert_params_close(a, b)
     assert not torch.equal(a, p) or n == 1  # something moved
 
@@ -260,13 +260,13 @@ def test_window_adam_update_dense_term_matches_twin(pdtype, wd):
     p = _randn(n, pdtype, seed=9)
     dense = _randn(n, seed=10) * 0.3
     a, b = p.clone(), p.clone()
-    T.window_adam_update(a, idx, vals, layout, step, 0.9, 0.999, 1e-8, 1e-3, wd, None,
+    WA.window_adam_update_triton(a, idx, vals, layout, step, 0.9, 0.999, 1e-8, 1e-3, wd, None,
                          dense.clone())
-    R.window_adam_update(b, idx, vals, layout, step, 0.9, 0.999, 1e-8, 1e-3, wd, None,
+    WA.window_adam_update(b, idx, vals, layout, step, 0.9, 0.999, 1e-8, 1e-3, wd, None,
                          dense.clone())
     _assert_params_close(a, b)
     c = p.clone()
-    R.window_adam_update(c, idx, vals, layout, step, 0.9, 0.999, 1e-8, 1e-3, wd)
+    WA.window_adam_update(c, idx, vals, layout, step, 0.9, 0.999, 1e-8, 1e-3, wd)
     assert not torch.equal(a, c)  # the dense term moved every entry
 
 
@@ -277,9 +277,9 @@ def test_window_adam_update_fp32_values_persistent_loop_noncontiguous(monkeypatc
     base = _randn(n, seed=2).view(17, 33)
     p = base.t()  # non-contiguous (33, 17)
     want = p.clone()
-    R.window_adam_update(want, idx, vals, layout, step, 0.8, 0.99, 1e-6, 1e-2, 0.05)
-    monkeypatch.setattr(T, "WINDOW_MAX_PROGRAMS", 3)  # 9 blocks over 3 programs
-    T.window_adam_update(p, idx, vals, layout, step, 0.8, 0.99, 1e-6, 1e-2, 0.05)
+    WA.window_adam_update(want, idx, vals, layout, step, 0.8, 0.99, 1e-6, 1e-2, 0.05)
+    monkeypatch.setattr(WA, "WINDOW_MAX_PROGRAMS", 3)  # 9 blocks over 3 programs
+    WA.window_adam_update_triton(p, idx, vals, layout, step, 0.8, 0.99, 1e-6, 1e-2, 0.05)
     _assert_params_close(p, want)
     _assert_params_close(base.t(), want)
 
@@ -289,8 +289,8 @@ def test_window_adam_update_beta_zero_and_empty():
     layout = TopKLayout.create(n, 64, 0.1)
     idx, vals = _window(layout, window, seed=5)
     a, b = _randn(n, seed=1), _randn(n, seed=1)
-    T.window_adam_update(a, idx, vals, layout, 5, 0.0, 0.0, 1e-8, 0.1, 0.0)
-    R.window_adam_update(b, idx, vals, layout, 5, 0.0, 0.0, 1e-8, 0.1, 0.0)
+    WA.window_adam_update_triton(a, idx, vals, layout, 5, 0.0, 0.0, 1e-8, 0.1, 0.0)
+    WA.window_adam_update(b, idx, vals, layout, 5, 0.0, 0.0, 1e-8, 0.1, 0.0)
     _assert_params_close(a, b)
 
 
@@ -299,7 +299,7 @@ def _sr_setup(n=2048, window=2, step=3):
     idx, vals = _window(layout, window, seed=21)
     p = _randn(n, torch.bfloat16, seed=22)
     exact = p.float()  # the same update without rounding: the value SR must be unbiased about
-    T.window_adam_update(exact, idx, vals, layout, step, 0.9, 0.999, 1e-8, 3e-3, 0.0)
+    WA.window_adam_update_triton(exact, idx, vals, layout, step, 0.9, 0.999, 1e-8, 3e-3, 0.0)
     return layout, idx, vals, p, exact, step
 
 
@@ -309,14 +309,14 @@ def test_stochastic_rounding_deterministic_and_unbiased():
     outs = []
     for seed in range(24):
         q = p.clone()
-        T.window_adam_update(q, *args, sr_seed=1000 + seed)
+        WA.window_adam_update_triton(q, *args, sr_seed=1000 + seed)
         outs.append(q.float())
     again = p.clone()
-    T.window_adam_update(again, *args, sr_seed=1000)
+    WA.window_adam_update_triton(again, *args, sr_seed=1000)
     assert torch.equal(again.float(), outs[0])  # same seed, same result
     assert not torch.equal(outs[0], outs[1])  # different seed, different noise
     twin = p.clone()
-    R.window_adam_update(twin, *args, sr_seed=1000)
+    WA.window_adam_update(twin, *args, sr_seed=1000)
     assert torch.equal(twin.float(), outs[0])  # same position hash as the PyTorch twin
     s = torch.stack(outs)
     ulp = _bf16_ulp(exact)
@@ -338,8 +338,8 @@ def test_stochastic_rounding_ignored_for_fp32():
     layout, idx, vals, p, exact, step = _sr_setup(n=512)
     args = (idx, vals, layout, step, 0.9, 0.999, 1e-8, 3e-3, 0.0)
     a, b = p.float(), p.float()
-    T.window_adam_update(a, *args, sr_seed=7)
-    T.window_adam_update(b, *args)
+    WA.window_adam_update_triton(a, *args, sr_seed=7)
+    WA.window_adam_update_triton(b, *args)
     assert torch.equal(a, b)
 
 
@@ -353,7 +353,7 @@ def test_stochastic_rounding_ignored_for_fp32():
     (1000, 100, 16), (129, 64, 6)])                                           # composed
 def test_error_feedback_compress_matches_twin(n, block, bucket, gdtype):
     layout = TopKLayout.create(n, block, 0.1)
-    assert (T._fusable(layout, bucket) is None) == (block % bucket != 0 and n > block)
+    assert (EF.fusable(layout, bucket) is None) == (block % bucket != 0 and n > block)
     sa = _qstate(n, bucket, seed=n)
     sb = _clone(sa)
     for step in range(2):
@@ -363,8 +363,8 @@ def test_error_feedback_compress_matches_twin(n, block, bucket, gdtype):
         va = torch.zeros(layout.k, dtype=torch.bfloat16)
         vb = va.clone()
         g0 = g.clone()
-        T.error_feedback_compress(g, *sa, bucket, layout, ia, va)
-        R.error_feedback_compress(g, *sb, bucket, layout, ib, vb)
+        EF.error_feedback_compress_triton(g, *sa, bucket, layout, ia, va)
+        EF.error_feedback_compress(g, *sb, bucket, layout, ib, vb)
         assert torch.equal(g, g0)  # gradient untouched
         _assert_equal_all(list(sa) + [ia, va], list(sb) + [ib, vb])
 
@@ -379,8 +379,8 @@ def test_error_feedback_compress_first_step_and_window_rows():
     val_a = torch.zeros(layout.k, 3, dtype=torch.bfloat16)
     ib = torch.zeros(layout.k, dtype=torch.int16)
     vb = torch.zeros(layout.k, dtype=torch.bfloat16)
-    T.error_feedback_compress(g, *sa, bucket, layout, idx_a[:, 1], val_a[:, 1])
-    R.error_feedback_compress(g, *sb, bucket, layout, ib, vb)
+    EF.error_feedback_compress_triton(g, *sa, bucket, layout, idx_a[:, 1], val_a[:, 1])
+    EF.error_feedback_compress(g, *sb, bucket, layout, ib, vb)
     _assert_equal_all(list(sa) + [idx_a[:, 1], val_a[:, 1]], list(sb) + [ib, vb])
     assert int(idx_a[:, 0].abs().sum()) == 0 and float(val_a[:, 2].abs().sum()) == 0.0
 
@@ -393,16 +393,16 @@ def test_empty_inputs_are_noops():
     e = torch.zeros(0)
     codes = torch.zeros(0, dtype=torch.uint8)
     mm = torch.zeros(0, dtype=torch.bfloat16)
-    T.quantize4(e, 16, codes, mm, mm.clone())
-    assert T.dequantize4(codes, mm, mm, 0, 16).shape == (0,)
-    assert T.block_topk(e, layout).shape == (0,)
+    Q.quantize4_triton(e, 16, codes, mm, mm.clone())
+    assert Q.dequantize4_triton(codes, mm, mm, 0, 16).shape == (0,)
+    assert TK.block_topk_triton(e, layout).shape == (0,)
     idx = torch.zeros(0, dtype=torch.int16)
-    assert T.gather_block_values(e, idx, layout).shape == (0,)
-    T.scatter_block_values(e, idx, 0.0, layout)
-    T.window_adam_update(e, torch.zeros(3, 0, dtype=torch.int16),
+    assert TK.gather_block_values_triton(e, idx, layout).shape == (0,)
+    TK.scatter_block_values_triton(e, idx, 0.0, layout)
+    WA.window_adam_update_triton(e, torch.zeros(3, 0, dtype=torch.int16),
                          torch.zeros(3, 0, dtype=torch.bfloat16), layout, 1, 0.9, 0.99, 1e-8,
                          1e-3, 0.0)
-    T.error_feedback_compress(e, codes, mm, mm.clone(), 16, layout, idx,
+    EF.error_feedback_compress_triton(e, codes, mm, mm.clone(), 16, layout, idx,
                               torch.zeros(0, dtype=torch.bfloat16))
 
 
@@ -454,11 +454,11 @@ def test_gpu_quantize_dequantize(cuda_device, dtype):
     for bucket in (64, 62):
         a = _qstate(GPU_N, bucket, device=cuda_device, random=False)
         b = _qstate(GPU_N, bucket, random=False)
-        T.quantize4(x, bucket, *a)
-        R.quantize4(x.cpu(), bucket, *b)
+        Q.quantize4_triton(x, bucket, *a)
+        Q.quantize4(x.cpu(), bucket, *b)
         _assert_equal_all([t.cpu() for t in a], b)
-        assert torch.equal(T.dequantize4(*a, GPU_N, bucket).cpu(),
-                           R.dequantize4(*b, GPU_N, bucket))
+        assert torch.equal(Q.dequantize4_triton(*a, GPU_N, bucket).cpu(),
+                           Q.dequantize4(*b, GPU_N, bucket))
 
 
 @pytest.mark.gpu
@@ -467,18 +467,18 @@ def test_gpu_topk_gather_scatter(cuda_device, dtype):
     layout = TopKLayout.create(GPU_N, GPU_BLOCK, 0.01)
     x = _randn(GPU_N, dtype, seed=2, device=cuda_device)
     x = torch.round(x * 8) / 8  # plenty of exact ties
-    idx = T.block_topk(x, layout)
-    want = R.block_topk(x.cpu(), layout)
+    idx = TK.block_topk_triton(x, layout)
+    want = TK.block_topk(x.cpu(), layout)
     assert torch.equal(idx.cpu(), want)
-    assert torch.equal(T.gather_block_values(x, idx, layout).cpu(),
-                       R.gather_block_values(x.cpu(), want, layout))
+    assert torch.equal(TK.gather_block_values_triton(x, idx, layout).cpu(),
+                       TK.gather_block_values(x.cpu(), want, layout))
     vals = _randn(layout.k, torch.float32, seed=3, device=cuda_device)
     a, b = x.clone(), x.cpu()
-    T.scatter_block_values(a, idx, vals, layout)
-    R.scatter_block_values(b, want, vals.cpu(), layout)
+    TK.scatter_block_values_triton(a, idx, vals, layout)
+    TK.scatter_block_values(b, want, vals.cpu(), layout)
     assert torch.equal(a.cpu(), b)
     big = TopKLayout.create(GPU_N, 32768, 0.01)
-    assert torch.equal(T.block_topk(x, big).cpu(), R.block_topk(x.cpu(), big))
+    assert torch.equal(TK.block_topk_triton(x, big).cpu(), TK.block_topk(x.cpu(), big))
 
 
 @pytest.mark.gpu
@@ -488,13 +488,13 @@ def test_gpu_window_adam_update(cuda_device, pdtype, monkeypatch):
     idx, vals = _window(layout, 10, seed=4, device=cuda_device)
     p = _randn(GPU_N, pdtype, seed=5, device=cuda_device)
     for step, cap in ((4, None), (23, 7)):  # partial ring; wrapped ring on 7 persistent programs
-        monkeypatch.setattr(T, "WINDOW_MAX_PROGRAMS", cap)
+        monkeypatch.setattr(WA, "WINDOW_MAX_PROGRAMS", cap)
         a, b = p.clone(), p.clone()
-        T.window_adam_update(a, idx, vals, layout, step, 0.9, 0.999, 1e-8, 1e-3, 0.1)
-        R.window_adam_update(b, idx, vals, layout, step, 0.9, 0.999, 1e-8, 1e-3, 0.1)
+        WA.window_adam_update_triton(a, idx, vals, layout, step, 0.9, 0.999, 1e-8, 1e-3, 0.1)
+        WA.window_adam_update(b, idx, vals, layout, step, 0.9, 0.999, 1e-8, 1e-3, 0.1)
         _assert_params_close(a, b)
         c = p.clone()
-        T.window_adam_update(c, idx, vals, layout, step, 0.9, 0.999, 1e-8, 1e-3, 0.1)
+        WA.window_adam_update_triton(c, idx, vals, layout, step, 0.9, 0.999, 1e-8, 1e-3, 0.1)
         assert torch.equal(a, c)  # deterministic
 
 
@@ -506,10 +506,10 @@ def test_gpu_stochastic_rounding(cuda_device):
     p = _randn(n, torch.bfloat16, seed=7, device=cuda_device)
     exact = p.float()
     args = (idx, vals, layout, 3, 0.9, 0.999, 1e-8, 3e-3, 0.0)
-    T.window_adam_update(exact, *args)
+    WA.window_adam_update_triton(exact, *args)
     a, b = p.clone(), p.clone()
-    T.window_adam_update(a, *args, sr_seed=123)
-    T.window_adam_update(b, *args, sr_seed=123)
+    WA.window_adam_update_triton(a, *args, sr_seed=123)
+    WA.window_adam_update_triton(b, *args, sr_seed=123)
     assert torch.equal(a, b)
     lo, hi = bf16_floor(exact).float(), bf16_ceil(exact).float()
     assert bool(((a.float() == lo) | (a.float() == hi)).all())
@@ -528,8 +528,8 @@ def test_gpu_error_feedback_compress(cuda_device, gdtype, block, bucket):
         ia = torch.zeros(layout.k, dtype=torch.int16, device=cuda_device)
         va = torch.zeros(layout.k, dtype=torch.bfloat16, device=cuda_device)
         ib, vb = ia.cpu(), va.cpu()
-        T.error_feedback_compress(g, *sa, bucket, layout, ia, va)
-        R.error_feedback_compress(g.cpu(), *sb, bucket, layout, ib, vb)
+        EF.error_feedback_compress_triton(g, *sa, bucket, layout, ia, va)
+        EF.error_feedback_compress(g.cpu(), *sb, bucket, layout, ib, vb)
         _assert_equal_all([t.cpu() for t in list(sa) + [ia, va]], list(sb) + [ib, vb])
 
 

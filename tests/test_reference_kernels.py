@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from hf_compressed_optim.kernels import TopKLayout, entries_per_block, reference as R
+from hf_compressed_optim.kernels import error_feedback as EF, quant4 as Q, topk as TK
+from hf_compressed_optim.kernels import window_adam as WA
+from hf_compressed_optim.kernels.layout import TopKLayout, entries_per_block
 
 from _numerics import bf16_half_ulp
 
@@ -22,9 +24,9 @@ def test_quantizer_error_at_most_half_a_step(n, bucket):
     g = torch.Generator().manual_seed(n)
     x = torch.randn(n, generator=g) * torch.logspace(-3, 1, n)[torch.randperm(n, generator=g)]
     codes, lo, hi = _buffers(n, bucket)
-    R.quantize4(x, bucket, codes, lo, hi)
-    xh = R.dequantize4(codes, lo, hi, n, bucket)
-    step = R.quant_scale(lo, hi).repeat_interleave(bucket)[:n]
+    Q.quantize4(x, bucket, codes, lo, hi)
+    xh = Q.dequantize4(codes, lo, hi, n, bucket)
+    step = Q.quant_scale(lo, hi).repeat_interleave(bucket)[:n]
     # min/max are the bucket's exact min/max rounded to the nearest bf16
     xb = torch.nn.functional.pad(x, (0, lo.numel() * bucket - n), value=float(x[-1])).view(-1, bucket)
     assert torch.equal(lo, xb.amin(1).bfloat16()) and torch.equal(hi, xb.amax(1).bfloat16())
@@ -45,20 +47,20 @@ def test_requantizing_dequantized_values_does_not_drift():
     nbq = -(-n // bucket)
     codes = torch.empty((n + 1) // 2, dtype=torch.uint8)
     lo, hi = torch.empty(nbq, dtype=torch.bfloat16), torch.empty(nbq, dtype=torch.bfloat16)
-    R.quantize4(x, bucket, codes, lo, hi)
-    first = R.dequantize4(codes, lo, hi, n, bucket)
+    Q.quantize4(x, bucket, codes, lo, hi)
+    first = Q.dequantize4(codes, lo, hi, n, bucket)
     xh = first
     for _ in range(300):
-        R.quantize4(xh, bucket, codes, lo, hi)
-        xh = R.dequantize4(codes, lo, hi, n, bucket)
+        Q.quantize4(xh, bucket, codes, lo, hi)
+        xh = Q.dequantize4(codes, lo, hi, n, bucket)
     assert torch.equal(xh, first), float((xh - first).abs().max())
 
 
 def test_quantizer_constant_bucket_exact_and_no_nan():
     x = torch.cat([torch.full((64,), 0.375), torch.zeros(64), torch.randn(64)])
     codes, lo, hi = _buffers(x.numel(), 64)
-    R.quantize4(x, 64, codes, lo, hi)
-    xh = R.dequantize4(codes, lo, hi, x.numel(), 64)
+    Q.quantize4(x, 64, codes, lo, hi)
+    xh = Q.dequantize4(codes, lo, hi, x.numel(), 64)
     assert torch.isfinite(xh).all()
     assert torch.equal(xh[:128], x[:128])
     assert torch.all(codes[:64] == 0)
@@ -67,7 +69,7 @@ def test_quantizer_constant_bucket_exact_and_no_nan():
 def test_nibble_order_high_first():
     x = torch.tensor([0.0, 15.0, 15.0, 0.0, 15.0])  # codes 0, 15, 15, 0, 15 with lo=0 hi=15
     codes, lo, hi = _buffers(5, 6)
-    R.quantize4(x, 6, codes, lo, hi)
+    Q.quantize4(x, 6, codes, lo, hi)
     assert codes.tolist() == [0x0F, 0xF0, 0xF0]
 
 
@@ -82,9 +84,9 @@ def test_block_topk_matches_brute_force_with_ties(n, block, density):
     g = torch.Generator().manual_seed(n)
     x = torch.randint(-6, 7, (n,), generator=g).float() * 0.25  # many ties, signs
     layout = TopKLayout.create(n, block, density)
-    idx = R.block_topk(x, layout)
+    idx = TK.block_topk(x, layout)
     assert idx.dtype == torch.int16 and idx.numel() == layout.k
-    pos = R.absolute_indices(idx, layout)
+    pos = TK.absolute_indices(idx, layout)
     expected = []
     for b in range(layout.num_full):
         expected += [b * layout.block + i for i in
@@ -93,7 +95,7 @@ def test_block_topk_matches_brute_force_with_ties(n, block, density):
         start = layout.num_full * layout.block
         expected += [start + i for i in _brute_topk(x[start:], layout.k_tail)]
     assert pos.tolist() == expected
-    assert torch.equal(R.gather_block_values(x, idx, layout), x[pos])
+    assert torch.equal(TK.gather_block_values(x, idx, layout), x[pos])
 
 
 def test_layout_geometry_and_int16_limit():
@@ -106,9 +108,9 @@ def test_layout_geometry_and_int16_limit():
     assert layout.k == 3 * 33 + 2
     x = torch.randn(n)
     x[32767] = 1e6  # the largest block-relative index must survive int16
-    idx = R.block_topk(x, layout)
+    idx = TK.block_topk(x, layout)
     assert int(idx[:33].max()) == 32767
-    pos = R.absolute_indices(idx, layout)
+    pos = TK.absolute_indices(idx, layout)
     assert 32767 in pos.tolist() and pos.max() < n
     assert torch.equal(x[pos].abs() >= 0, torch.ones(layout.k, dtype=torch.bool))
 
@@ -127,11 +129,11 @@ def test_error_feedback_conserves_the_signal():
     val = torch.empty(layout.k, dtype=torch.float32)  # fp32 row: isolates the quantizer error
     for _ in range(steps):
         grad = torch.randn(n, generator=g)
-        R.error_feedback_compress(grad, codes, lo, hi, bucket, layout, idx, val)
-        applied.index_add_(0, R.absolute_indices(idx, layout), val.double())
+        EF.error_feedback_compress(grad, codes, lo, hi, bucket, layout, idx, val)
+        applied.index_add_(0, TK.absolute_indices(idx, layout), val.double())
         grads += grad.double()
-        bound += (R.quant_scale(lo, hi).repeat_interleave(bucket)[:n] / 2).double()
-    residual = R.dequantize4(codes, lo, hi, n, bucket).double()
+        bound += (Q.quant_scale(lo, hi).repeat_interleave(bucket)[:n] / 2).double()
+    residual = Q.dequantize4(codes, lo, hi, n, bucket).double()
     gap = (applied + residual - grads).abs()
     assert torch.all(gap <= bound * (1 + 1e-4) + 1e-5)
     assert residual.abs().max() > 0.1  # the residual really carries signal
@@ -139,8 +141,8 @@ def test_error_feedback_conserves_the_signal():
 
 def test_stochastic_rounding_unbiased_and_seeded():
     x = torch.full((200000,), 1.0 + 2 ** -10)  # between two bf16 values
-    r = R.stochastic_round_bf16(x, 123).float()
+    r = WA.stochastic_round_bf16(x, 123).float()
     assert set(r.unique().tolist()) == {1.0, 1.0078125}
     assert math.isclose(r.double().mean().item(), 1.0 + 2 ** -10, rel_tol=0, abs_tol=3e-5)
-    assert torch.equal(r, R.stochastic_round_bf16(x, 123).float())
-    assert not torch.equal(r, R.stochastic_round_bf16(x, 124).float())
+    assert torch.equal(r, WA.stochastic_round_bf16(x, 123).float())
+    assert not torch.equal(r, WA.stochastic_round_bf16(x, 124).float())

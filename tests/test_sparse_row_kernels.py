@@ -3,13 +3,12 @@
 import pytest
 import torch
 
-from hf_compressed_optim import kernels as K
-from hf_compressed_optim.kernels import TopKLayout
-from hf_compressed_optim.kernels import reference as R
+from hf_compressed_optim.kernels import dispatch as K
+from hf_compressed_optim.kernels.layout import TopKLayout
 from hf_compressed_optim.kernels import sparse_rows as S
+from hf_compressed_optim.kernels.topk import absolute_indices, block_topk, gather_block_values
 
-triton_mod = pytest.importorskip("hf_compressed_optim.kernels.sparse_rows_triton",
-                                 exc_type=ImportError)
+needs_triton = pytest.mark.skipif(not K.triton_available(), reason="triton not usable")
 
 
 def _window(numel, block, density, m, vdtype, seed=0):
@@ -20,15 +19,15 @@ def _window(numel, block, density, m, vdtype, seed=0):
     vals = torch.empty((m, layout.k), dtype=vdtype)
     for i in range(m):
         x = torch.randn(numel, generator=g)
-        idx[i] = R.block_topk(x, layout)
-        vals[i] = R.gather_block_values(x, idx[i], layout).to(vdtype)
+        idx[i] = block_topk(x, layout)
+        vals[i] = gather_block_values(x, idx[i], layout).to(vdtype)
     return layout, idx, vals
 
 
 def _dense_rows(idx, vals, layout, nrows):
     dense = torch.zeros((nrows, layout.numel), dtype=torch.float64)
     for i in range(nrows):
-        pos = R.absolute_indices(idx[i], layout)
+        pos = absolute_indices(idx[i], layout)
         dense[i, pos] = vals[i].double()
     return dense
 
@@ -62,6 +61,7 @@ def test_twins_match_dense_float64(case, vdtype):
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
 
 
+@needs_triton
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("vdtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -70,35 +70,37 @@ def test_triton_matches_twin(case, vdtype, xdtype):
     layout, idx, vals = _window(numel, block, density, m, vdtype, seed=1)
     x = torch.randn(numel, generator=torch.Generator().manual_seed(2)).to(xdtype)
     want = S.sparse_rows_dot(idx, vals, layout, x, nrows)
-    got = triton_mod.sparse_rows_dot(idx, vals, layout, x, nrows)
+    got = S.sparse_rows_dot_triton(idx, vals, layout, x, nrows)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
     coeffs = torch.randn(m, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     base = torch.randn(numel)
     want_out, got_out = base.clone(), base.clone()
     S.sparse_rows_combine(idx, vals, layout, coeffs, want_out, nrows)
-    triton_mod.sparse_rows_combine(idx, vals, layout, coeffs, got_out, nrows)
+    S.sparse_rows_combine_triton(idx, vals, layout, coeffs, got_out, nrows)
     torch.testing.assert_close(got_out, want_out, rtol=1e-6, atol=1e-6)
 
 
+@needs_triton
 def test_triton_dot_multiple_chunks_and_large_block(monkeypatch):
     """Several SP programs per row and a block at the int16 limit (32768)."""
-    monkeypatch.setattr(triton_mod, "DOT_CHUNK", 64)
+    monkeypatch.setattr(S, "DOT_CHUNK", 64)
     layout, idx, vals = _window(70000, 32768, 0.004, 2, torch.float32, seed=5)
     assert int(idx.max()) > 30000  # indices near the top of the int16 range
     x = torch.randn(70000)
     want = S.sparse_rows_dot(idx, vals, layout, x)
-    got = triton_mod.sparse_rows_dot(idx, vals, layout, x)
+    got = S.sparse_rows_dot_triton(idx, vals, layout, x)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     out_w, out_g = torch.zeros(70000), torch.zeros(70000)
     c = torch.tensor([0.5, -2.0], dtype=torch.float64)
     S.sparse_rows_combine(idx, vals, layout, c, out_w)
-    triton_mod.sparse_rows_combine(idx, vals, layout, c, out_g)
+    S.sparse_rows_combine_triton(idx, vals, layout, c, out_g)
     torch.testing.assert_close(out_g, out_w, rtol=1e-6, atol=1e-6)
     # absolute positions above 65535 were reached
     assert bool(out_w[65536:].ne(0).any())
 
 
+@needs_triton
 def test_dispatch_and_empty_inputs(monkeypatch):
     layout = TopKLayout.create(0, 16, 0.5)
     idx = torch.zeros((3, 0), dtype=torch.int16)
@@ -125,6 +127,7 @@ def test_combine_rejects_non_fp32_out():
                               dtype=torch.bfloat16))
 
 
+@needs_triton
 @pytest.mark.gpu
 @pytest.mark.parametrize("vdtype", [torch.float32, torch.bfloat16])
 def test_cuda_kernels_match_cpu_twins(cuda_device, vdtype):

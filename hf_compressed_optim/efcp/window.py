@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import kernels as K
+from ..kernels import dispatch as K
 from . import lowrank as LR
-from ..kernels import TopKLayout
+from ..kernels.layout import TopKLayout
 
 TOPK_KEYS = ("window_indices", "window_values")
 LOWRANK_KEYS = ("window_left", "window_right", "lowrank_q")

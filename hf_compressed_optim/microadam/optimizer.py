@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import kernels as K
+from ..kernels import dispatch as K
 from ..core.optimizer import CompressedOptimizer, Job, as_float
-from ..kernels import TopKLayout
+from ..kernels.layout import TopKLayout
 from .config import MicroAdamConfig
 
 

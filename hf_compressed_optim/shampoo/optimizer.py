@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import kernels as K
+from ..kernels import dispatch as K
 from ..core.optimizer import CompressedOptimizer, Job, as_float
 from ..kernels.codebook import absmax_blocks, packed_cols
 from .blocks import FP32_KEYS, QUANT_KEYS, ParamLayout, group_indices, param_layout, split_blocks

@@ -48,9 +48,8 @@ import torch
 
 import hf_compressed_optim as hco
 from hf_compressed_optim import MicroAdam
-from hf_compressed_optim import kernels as K
-from hf_compressed_optim.kernels import TopKLayout
-from hf_compressed_optim.kernels import reference as ref
+from hf_compressed_optim.kernels import dispatch as K
+from hf_compressed_optim.kernels.layout import TopKLayout
 
 from .common import (TINYLLAMA, add_peers_path, build_llama, child_result, llama_shapes,
                      machine_info, make_params, md_table, peer_versions, report_to_parent,
@@ -185,7 +184,7 @@ PROFILED_KERNELS = ("error_feedback_compress", "window_adam_update", "dequantize
 def profile_microadam(params, device, repeats: int, op_table: bool = True) -> dict:
     """Where a MicroAdam step spends its time, split by the reference kernel twins.
 
-    The twins in ``kernels/reference.py`` are wrapped with timers for ``repeats`` real optimizer
+    The kernel functions (the PyTorch twins in their ``kernels/`` modules) are wrapped with timers for ``repeats`` real optimizer
     steps (they call each other through module globals, so nested calls are seen too). Each
     kernel gets its inclusive time and its exclusive ("self") time; the step's time outside all
     kernels (Python, the finiteness check, book-keeping) is reported as "outside kernels".
@@ -194,12 +193,10 @@ def profile_microadam(params, device, repeats: int, op_table: bool = True) -> di
     opt = MicroAdam(params, lr=1e-3)
     for _ in range(3):
         opt.step()
-    # on CUDA the dispatcher calls the Triton module instead: time whichever runs
-    module = ref
-    if device.type == "cuda" and K.backend_for(params[0]) == "triton":
-        module = K._triton_module()
-    originals = {name: getattr(module, name) for name in PROFILED_KERNELS
-                 if callable(getattr(module, name, None))}
+    # on CUDA the dispatcher calls the Triton versions (``<name>_triton``): time whichever runs
+    suffix = "_triton" if device.type == "cuda" and K.backend_for(params[0]) == "triton" else ""
+    where = {name: (K._OPS[name][0], K._OPS[name][1] + suffix) for name in PROFILED_KERNELS}
+    originals = {name: getattr(module, attr) for name, (module, attr) in where.items()}
     incl = {name: 0.0 for name in originals}
     excl = dict(incl)
     stack: list[list[float]] = []  # per active call: [child time]
@@ -224,7 +221,7 @@ def profile_microadam(params, device, repeats: int, op_table: bool = True) -> di
     steps, per_rep = [], []
     try:
         for name, fn in originals.items():
-            setattr(module, name, wrap(name, fn))
+            setattr(where[name][0], where[name][1], wrap(name, fn))
         for _ in range(repeats):
             before = dict(excl)
             sync(device)
@@ -235,11 +232,11 @@ def profile_microadam(params, device, repeats: int, op_table: bool = True) -> di
             per_rep.append({k: excl[k] - before[k] for k in excl})
     finally:
         for name, fn in originals.items():
-            setattr(module, name, fn)
+            setattr(where[name][0], where[name][1], fn)
     step_med = statistics.median(steps)
     parts = {k: statistics.median(r[k] for r in per_rep) for k in originals}
     parts["outside kernels"] = max(0.0, step_med - sum(parts.values()))
-    out = dict(step_median_s=step_med, repeats=repeats, module=module.__name__,
+    out = dict(step_median_s=step_med, repeats=repeats, module="kernels" + (" (Triton)" if suffix else ""),
                self_time_s=parts, share={k: v / step_med for k, v in parts.items()},
                inclusive_time_s={k: v / repeats for k, v in incl.items()})
     if op_table and device.type == "cpu":

@@ -26,12 +26,14 @@ OPTIMIZERS = ("adamw", "microadam", "efcp_mfac", "efcp_ggt")
 
 
 class _CheckoutFinder:
-    """Imports ``hf_compressed_optim`` (and its ``kernels`` from the top-level ``kernels/``, as
-    the install maps it) from one checkout, ahead of whatever is installed."""
+    """Imports ``hf_compressed_optim`` from one checkout, ahead of whatever is installed (its
+    ``kernels`` through the package's link, or, in checkouts before the link, from the top-level
+    ``kernels/`` package as the install mapped it)."""
 
     def __init__(self, root: str):
-        self.dirs = {"hf_compressed_optim": os.path.join(root, "hf_compressed_optim"),
-                     "hf_compressed_optim.kernels": os.path.join(root, "kernels")}
+        self.dirs = {"hf_compressed_optim": os.path.join(root, "hf_compressed_optim")}
+        if os.path.exists(os.path.join(root, "kernels", "__init__.py")):
+            self.dirs["hf_compressed_optim.kernels"] = os.path.join(root, "kernels")
 
     def find_spec(self, fullname, path=None, target=None):
         import importlib.util
@@ -48,8 +50,9 @@ def child(name: str, root: str) -> float:
     import torch
 
     import hf_compressed_optim as hco
+    from hf_compressed_optim.kernels import layout
 
-    assert hco.__file__.startswith(root) and hco.kernels.__file__.startswith(root)
+    assert hco.__file__.startswith(root) and layout.__file__.startswith(root)
 
     torch.set_num_threads(1)
     make = {"adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),

@@ -1,0 +1,236 @@
+"""Block top-k by magnitude, and gather/scatter at the selected (block-relative) indices.
+
+The window rows of MicroAdam and EFCP hold, per block of a :class:`~.layout.TopKLayout`, the
+indices of the largest ``|x|`` (ties to the lowest index) in ascending order. The PyTorch twins
+define the semantics; the Triton kernels (``*_triton``) match them bitwise. The Triton top-k
+finds the k-th largest ``|x|`` by a 31-step bisection on the int32 bit pattern of ``|x|``
+(monotone for non-negative floats) with counting, then keeps every entry above it plus the first
+equal ones by prefix sums, in index order. No sort.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._triton import (FLOAT_DTYPES, LAUNCH, Out, arg, block_geometry, chunk, flat, jit,
+                      load_f32, np2, on_device, store_f32, tl, triton, warps)
+from .layout import TopKLayout
+
+# Largest top-k block held in one program (elements). Larger blocks (not produced by the
+# optimizers, which cap the block at 32768) fall back to the PyTorch twin.
+MAX_TOPK_TILE = 1 << 16
+
+
+# ---- PyTorch twins ------------------------------------------------------------------------------
+def _select_rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    """int64 [rows, k]: per row the k largest |x|, ties to the lowest index, ascending order."""
+    rows, n = x.shape
+    if k >= n:
+        return torch.arange(n, device=x.device).expand(rows, n)
+    mag = x.abs()
+    # the k+1 largest: if the smallest of them is strictly below the k-th, the top-k set is
+    # unambiguous (drop that one); otherwise equal magnitudes compete for the last places
+    vals, inds = torch.topk(mag, k + 1, dim=1, sorted=False)
+    two = torch.topk(vals, 2, dim=1, largest=False)
+    ties = two.values[:, 0] == two.values[:, 1]
+    keep = torch.ones_like(vals, dtype=torch.bool)
+    keep[torch.arange(rows, device=x.device), two.indices[:, 0]] = False
+    inds = inds[keep].view(rows, k)
+    if bool(ties.any()):
+        r = ties.nonzero()[:, 0]
+        m = mag[r]
+        t = two.values[r, 1:2]  # the k-th largest magnitude of those rows
+        gt, eq = m > t, m == t
+        sel = gt | (eq & (eq.cumsum(1) <= k - gt.sum(1, keepdim=True)))
+        inds[r] = sel.nonzero()[:, 1].view(-1, k)
+    return inds.sort(dim=1).values
+
+
+def block_topk(x: torch.Tensor, layout: TopKLayout) -> torch.Tensor:
+    """int16 [k] block-relative indices of the selected entries of flat ``x`` (see TopKLayout)."""
+    x = x.reshape(-1)
+    parts = []
+    nf, blk = layout.num_full, layout.block
+    if nf and layout.k_full:
+        parts.append(_select_rows(x[: nf * blk].view(nf, blk), layout.k_full).reshape(-1))
+    if layout.tail and layout.k_tail:
+        parts.append(_select_rows(x[nf * blk:].view(1, -1), layout.k_tail).reshape(-1))
+    if not parts:
+        return torch.zeros(0, dtype=torch.int16, device=x.device)
+    return torch.cat(parts).to(torch.int16)
+
+
+def absolute_indices(idx: torch.Tensor, layout: TopKLayout) -> torch.Tensor:
+    """int64 absolute positions of block-relative indices ``idx`` ([..., k]).
+
+    Computed per call (O(k)) rather than cached: a cached offsets tensor per layout would be
+    memory outside the optimizer's state that the memory report cannot show.
+    """
+    out = idx.long()
+    nf, kf = layout.num_full, layout.k_full
+    if nf and kf:
+        starts = torch.arange(0, nf * layout.block, layout.block, device=idx.device)
+        out[..., : nf * kf].unflatten(-1, (nf, kf)).add_(starts[:, None])
+    if layout.k_tail and nf:
+        out[..., nf * kf:].add_(nf * layout.block)
+    return out
+
+
+def gather_block_values(x: torch.Tensor, idx: torch.Tensor, layout: TopKLayout) -> torch.Tensor:
+    """fp32 [k]: ``x`` at the block-relative indices ``idx``."""
+    pos = absolute_indices(idx, layout)
+    return torch.index_select(x.reshape(-1), 0, pos.view(-1)).view(pos.shape).float()
+
+
+def scatter_block_values(x: torch.Tensor, idx: torch.Tensor, values: torch.Tensor | float,
+                         layout: TopKLayout) -> None:
+    """In place: ``x[absolute(idx)] = values`` (a tensor [k] or a scalar, e.g. 0 to zero them)."""
+    flat_x = x.view(-1)
+    pos = absolute_indices(idx, layout).view(-1)
+    if torch.is_tensor(values):
+        flat_x.scatter_(0, pos, values.reshape(-1).to(flat_x.dtype))
+    else:
+        flat_x.index_fill_(0, pos, float(values))
+
+
+# ---- Triton kernels -----------------------------------------------------------------------------
+@jit
+def mag_bits(x, mask):
+    """int32 bit pattern of |x| (order-preserving), -1 where masked (never selected)."""
+    return tl.where(mask, x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, -1)
+
+
+@jit
+def _kth_bits_1d(bits, k):
+    """Largest t with #(bits >= t) >= k, i.e. the k-th largest value (bits >= 0 or -1)."""
+    thr = k * 0
+    for i in range(31):
+        cand = thr | (0x40000000 >> i)
+        cnt = tl.sum((bits >= cand).to(tl.int32), axis=0)
+        thr = tl.where(cnt >= k, cand, thr)
+    return thr
+
+
+@jit
+def _block_topk_kernel(x_ptr, idx_ptr, block, num_full, k_full, tail, k_tail,
+                       X_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    length, k, col0, start = block_geometry(pid, block, num_full, k_full, tail, k_tail)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < length
+    x = load_f32(x_ptr, start + offs, mask, X_BF16)
+    bits = mag_bits(x, mask)
+    thr = _kth_bits_1d(bits, k)
+    gt = bits > thr
+    eq = bits == thr
+    budget = k - tl.sum(gt.to(tl.int32), axis=0)
+    sel = gt | (eq & (tl.cumsum(eq.to(tl.int32), axis=0) <= budget))
+    pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+    tl.store(idx_ptr + col0 + pos, offs.to(tl.int16), mask=sel)
+
+
+@jit
+def abs_positions(idx_ptr, cols, mask, block, num_full, k_full, kf_div, n):
+    """(int64 absolute positions of the block-relative indices at window columns ``cols``, mask
+    of those inside [0, n): an out-of-range index is skipped instead of corrupting memory)."""
+    rel = tl.load(idx_ptr + cols, mask=mask, other=0).to(tl.int64)
+    bid = tl.where(cols < num_full * k_full, cols // kf_div, num_full)
+    pos = bid.to(tl.int64) * block + rel
+    return pos, mask & (pos >= 0) & (pos < n)
+
+
+@jit
+def row_entries(idx_ptr, vals_ptr, rbase, c, kb, blen, V_BF16: tl.constexpr):
+    """(block-relative index, fp32 value, mask) of the window entries at columns ``rbase + c``
+    (``c < kb``) of one block; indices outside [0, blen) are masked off, so a program that owns
+    the block never writes outside it."""
+    mk = c < kb
+    j = tl.load(idx_ptr + rbase + c, mask=mk, other=0).to(tl.int32)
+    mk = mk & (j >= 0) & (j < blen)
+    return j, load_f32(vals_ptr + rbase, c, mk, V_BF16), mk
+
+
+@jit
+def _gather_kernel(x_ptr, idx_ptr, out_ptr, k, block, num_full, k_full, kf_div, n,
+                   X_BF16: tl.constexpr, BK: tl.constexpr):
+    cols = tl.program_id(0) * BK + tl.arange(0, BK)
+    mask = cols < k
+    pos, inb = abs_positions(idx_ptr, cols, mask, block, num_full, k_full, kf_div, n)
+    tl.store(out_ptr + cols, load_f32(x_ptr, pos, inb, X_BF16), mask=mask)
+
+
+@jit
+def _scatter_kernel(x_ptr, idx_ptr, v_ptr, k, block, num_full, k_full, kf_div, n,
+                    X_BF16: tl.constexpr, V_BF16: tl.constexpr, SCALAR: tl.constexpr,
+                    BK: tl.constexpr):
+    cols = tl.program_id(0) * BK + tl.arange(0, BK)
+    mask = cols < k
+    pos, inb = abs_positions(idx_ptr, cols, mask, block, num_full, k_full, kf_div, n)
+    if SCALAR:
+        v = load_f32(v_ptr, cols * 0, mask, V_BF16)
+    else:
+        v = load_f32(v_ptr, cols, mask, V_BF16)
+    store_f32(x_ptr, pos, v, inb, X_BF16)
+
+
+def col_args(layout: TopKLayout, n: int) -> tuple[int, ...]:
+    """(block, num_full, k_full, k_full or 1 as divisor, numel) for :func:`abs_positions`."""
+    return layout.block, layout.num_full, layout.k_full, max(layout.k_full, 1), n
+
+
+@on_device
+def block_topk_triton(x: torch.Tensor, layout: TopKLayout) -> torch.Tensor:
+    """Triton twin of :func:`block_topk`: one program per block."""
+    if layout.numel == 0 or layout.k == 0:
+        return torch.zeros(0, dtype=torch.int16, device=x.device)
+    if np2(layout.block) > MAX_TOPK_TILE or x.dtype not in FLOAT_DTYPES:
+        return block_topk(x, layout)
+    xf, xbf = arg(flat(x))
+    out = torch.empty(layout.k, dtype=torch.int16, device=x.device)
+    nprog = layout.num_full + (1 if layout.tail and layout.k_tail else 0)
+    tile = np2(layout.block)
+    _block_topk_kernel[(nprog,)](xf, out, layout.block, layout.num_full, layout.k_full,
+                                 layout.tail, layout.k_tail, X_BF16=xbf, BLOCK=tile,
+                                 num_warps=warps(tile), **LAUNCH)
+    return out
+
+
+@on_device
+def gather_block_values_triton(x: torch.Tensor, idx: torch.Tensor, layout: TopKLayout
+                               ) -> torch.Tensor:
+    """Triton twin of :func:`gather_block_values`."""
+    k = idx.numel()
+    out = torch.empty(k, dtype=torch.float32, device=x.device)
+    if k == 0 or x.numel() == 0:
+        return out
+    if x.dtype not in FLOAT_DTYPES:
+        return gather_block_values(x, idx, layout)
+    xf, xbf = arg(flat(x))
+    bk = chunk(k)
+    _gather_kernel[(triton.cdiv(k, bk),)](xf, flat(idx), out, k, *col_args(layout, x.numel()),
+                                          X_BF16=xbf, BK=bk, num_warps=4, **LAUNCH)
+    return out
+
+
+@on_device
+def scatter_block_values_triton(x: torch.Tensor, idx: torch.Tensor, values: torch.Tensor | float,
+                                layout: TopKLayout) -> None:
+    """Triton twin of :func:`scatter_block_values`."""
+    k = idx.numel()
+    if k == 0 or x.numel() == 0:
+        return
+    if x.dtype not in FLOAT_DTYPES:
+        return scatter_block_values(x, idx, values, layout)
+    scalar = not torch.is_tensor(values)
+    if scalar:
+        values = torch.full((1,), float(values), dtype=x.dtype, device=x.device)
+    elif values.dtype not in FLOAT_DTYPES:
+        values = values.to(x.dtype)
+    ox = Out(x)
+    xf, xbf = arg(ox.flat)
+    vf, vbf = arg(flat(values.to(x.device)))
+    bk = chunk(k)
+    _scatter_kernel[(triton.cdiv(k, bk),)](xf, flat(idx), vf, k, *col_args(layout, x.numel()),
+                                           X_BF16=xbf, V_BF16=vbf, SCALAR=scalar, BK=bk,
+                                           num_warps=4, **LAUNCH)
+    ox.done()
