@@ -557,3 +557,24 @@ def test_add_optimizer_registry(monkeypatch):
         (torch.optim.SGD, {"lr": 1e-3})
     with pytest.raises(ValueError, match="registered"):
         hco_tf.add_optimizer("no_schema_here")
+
+
+def test_constructor_takes_a_config_or_its_options():
+    import inspect
+
+    p = torch.nn.Parameter(torch.zeros(4))
+    sig = inspect.signature(hco.MicroAdam)
+    assert sig.parameters["window_size"].default == 10 and "density" in sig.parameters
+    by_config = hco.MicroAdam([p], hco.MicroAdamConfig(window_size=4, betas=(0.8, 0.9)))
+    by_alias = hco.MicroAdam([p], m=4, beta1=0.8, beta2=0.9)
+    overridden = hco.MicroAdam([p], hco.MicroAdamConfig(window_size=7), m=4, beta1=0.8,
+                               beta2=0.9)
+    for opt in (by_config, by_alias, overridden):
+        assert opt.param_groups[0]["window_size"] == 4
+        assert opt.param_groups[0]["betas"] == (0.8, 0.9)
+    with pytest.raises(ValueError, match=r"window_size must be an integer in \[1, 4096\]"):
+        hco.MicroAdam([p], window_size=0)
+    with pytest.raises(TypeError, match="window_sz"):
+        hco.MicroAdam([p], window_sz=4)
+    with pytest.raises(TypeError, match="MicroAdamConfig"):
+        hco.MicroAdam([p], hco.ShampooConfig())

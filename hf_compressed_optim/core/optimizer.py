@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import warnings
 from dataclasses import dataclass
 from itertools import chain
@@ -77,6 +79,16 @@ class CompressedOptimizer(torch.optim.Optimizer):
             raise TypeError(f"config must be a {self.Config.__name__}, got {type(config).__name__}")
         self.config = config
         super().__init__(params, config.group_defaults())
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """``inspect.signature`` / ``help()`` / IDEs show the config's options as keywords."""
+        super().__init_subclass__(**kwargs)
+        p = inspect.Parameter
+        cls.__signature__ = inspect.Signature(
+            [p("params", p.POSITIONAL_OR_KEYWORD),
+             p("config", p.POSITIONAL_OR_KEYWORD, default=None, annotation=cls.Config.__name__)]
+            + [p(f.name, p.KEYWORD_ONLY, default=f.default, annotation=f.type)
+               for f in dataclasses.fields(cls.Config)])
 
     @property
     def nonfinite(self) -> str:

@@ -182,10 +182,11 @@ PROFILED_KERNELS = ("error_feedback_compress", "window_adam_update", "dequantize
 
 
 def profile_microadam(params, device, repeats: int, op_table: bool = True) -> dict:
-    """Where a MicroAdam step spends its time, split by the reference kernel twins.
+    """Where a MicroAdam step spends its time, split by kernel.
 
-    The kernel functions (the PyTorch twins in their ``kernels/`` modules) are wrapped with timers for ``repeats`` real optimizer
-    steps (they call each other through module globals, so nested calls are seen too). Each
+    The kernel functions (the PyTorch twins in their ``kernels/`` modules) are wrapped with
+    timers for ``repeats`` real optimizer steps (they call each other through module
+    attributes, so nested calls are seen too). Each
     kernel gets its inclusive time and its exclusive ("self") time; the step's time outside all
     kernels (Python, the finiteness check, book-keeping) is reported as "outside kernels".
     Optionally the top aten operators of one more step (torch.profiler, self CPU time).
