@@ -99,6 +99,24 @@ def losses(trainer) -> list[float]:
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
+def train_and_resume(tmp_path, checkpoint: int, **common):
+    """Train uninterrupted (saving checkpoints), then resume a fresh model from
+    ``checkpoint-<checkpoint>``. Returns (full trainer, resumed trainer, saved optimizer state)."""
+    from transformers import Trainer
+
+    data = lm_dataset(32)
+    full = Trainer(model=tiny_llama(seed=0), train_dataset=data,
+                   args=training_args(tmp_path / "full", save_strategy="steps", **common))
+    full.train()
+    ckpt = tmp_path / "full" / f"checkpoint-{checkpoint}"
+    saved = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
+    resumed = Trainer(model=tiny_llama(seed=1), train_dataset=data,
+                      args=training_args(tmp_path / "resumed", **common))
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    assert losses(resumed) == losses(full)
+    return full, resumed, saved
+
+
 def train_lora(tmp_path, margin: float, **args):
     """Train the tiny LoRA LLaMA with the Trainer; assert the loss fell by ``margin``.
     Returns (trainer, the unwrapped optimizer, the trainable parameters)."""

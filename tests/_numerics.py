@@ -1,7 +1,9 @@
 """Test oracles: the two bf16 neighbours of an fp32 value; a least-squares fit any optimizer
-must make progress on."""
+must make progress on; a checkpoint round trip through ``torch.load(weights_only=True)``."""
 
 from __future__ import annotations
+
+import io
 
 import torch
 
@@ -40,3 +42,26 @@ def fit_losses(opt: torch.optim.Optimizer, w: torch.Tensor, target: torch.Tensor
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+def reloaded(opt: torch.optim.Optimizer, params: list, make_optimizer
+             ) -> tuple[torch.optim.Optimizer, list]:
+    """A fresh optimizer (``make_optimizer(params)``) on copies of ``params``, loaded from
+    ``opt``'s state dict saved with ``torch.save`` and read back with ``weights_only=True``."""
+    buf = io.BytesIO()
+    torch.save({"opt": opt.state_dict(), "params": [p.detach() for p in params]}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    params2 = [torch.nn.Parameter(t.clone()) for t in ckpt["params"]]
+    opt2 = make_optimizer(params2)
+    opt2.load_state_dict(ckpt["opt"])
+    return opt2, params2
+
+
+def random_steps(opt: torch.optim.Optimizer, params: list, steps: int, seed: int) -> None:
+    """``steps`` optimizer steps on seeded random gradients (in each parameter's dtype)."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+        opt.step()

@@ -1,7 +1,6 @@
 """SparseMFAC / SparseGGT: dense float64 formulas at density 1, the sparse window against the
 same formulas, error feedback conservation, state layout, checkpoints, the contract, bad input."""
 
-import io
 import re
 import warnings
 
@@ -14,7 +13,7 @@ from hf_compressed_optim.efcp.window import layout_of
 from hf_compressed_optim.kernels.topk import absolute_indices
 from hf_compressed_optim import SparseGGT, SparseMFAC
 
-from _numerics import fit_losses
+from _numerics import fit_losses, random_steps as _train, reloaded
 
 
 # ------------------------------------------------------------------ float64 references
@@ -394,14 +393,6 @@ def test_nonfinite_gradient_skips_the_whole_step(bad):
 
 
 # ------------------------------------------------------------------ checkpoints
-def _train(opt, params, steps, seed):
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
-        opt.step()
-
-
 @pytest.mark.parametrize("cls,kwargs", [
     (SparseMFAC, dict(ef_bits=4, momentum=0.9, weight_decay=0.01)),
     (SparseGGT, dict(compressor="lowrank", rank=2, ef_bits=16)),
@@ -415,15 +406,8 @@ def test_save_resume_bitwise_with_bf16_params_and_weights_only(cls, kwargs):
     kw = dict(lr=1e-4, window_size=4, density=0.05, topk_block_size=4096, **kwargs)
     opt = cls(params, **kw)
     _train(opt, params, 6, seed=1)  # the ring wrapped
-    buf = io.BytesIO()
-    torch.save({"opt": opt.state_dict(), "params": [p.detach() for p in params]}, buf)
+    opt2, params2 = reloaded(opt, params, lambda ps: cls(ps, **kw))
     _train(opt, params, 4, seed=2)
-
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    params2 = [torch.nn.Parameter(t.clone()) for t in ckpt["params"]]
-    opt2 = cls(params2, **kw)
-    opt2.load_state_dict(ckpt["opt"])
     for p, p2 in zip(params, params2):
         for key, value in opt.state[p].items():
             if torch.is_tensor(value):

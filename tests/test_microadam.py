@@ -1,7 +1,6 @@
 """MicroAdam optimizer: Adam equivalence, truncated-window formula, dtypes, contract, bad input."""
 
 import copy
-import io
 import re
 import math
 import warnings
@@ -11,7 +10,7 @@ import torch
 
 from hf_compressed_optim import MicroAdam, optimizer_memory_report
 
-from _numerics import fit_losses
+from _numerics import fit_losses, random_steps as _train, reloaded
 
 
 def _bf16_exact(shape, gen):
@@ -214,14 +213,6 @@ def test_closure_returns_loss():
 
 
 # ------------------------------------------------------------------ checkpoints
-def _train(opt, params, steps, seed):
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
-        opt.step()
-
-
 def test_save_resume_bitwise_with_bf16_params_and_weights_only():
     torch.manual_seed(0)
     def make():
@@ -231,16 +222,10 @@ def test_save_resume_bitwise_with_bf16_params_and_weights_only():
     opt = MicroAdam(params, lr=1e-3, weight_decay=0.01, window_size=4, density=0.05,
                     topk_block_size=4096, stochastic_rounding=True)
     _train(opt, params, 5, seed=1)
-    buf = io.BytesIO()
-    torch.save({"opt": opt.state_dict(), "params": [p.detach() for p in params]}, buf)
+    opt2, params2 = reloaded(opt, params, lambda ps: MicroAdam(
+        ps, lr=1e-3, weight_decay=0.01, window_size=4, density=0.05, topk_block_size=4096,
+        stochastic_rounding=True))
     _train(opt, params, 4, seed=2)
-
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    params2 = [torch.nn.Parameter(t.clone()) for t in ckpt["params"]]
-    opt2 = MicroAdam(params2, lr=1e-3, weight_decay=0.01, window_size=4, density=0.05,
-                     topk_block_size=4096, stochastic_rounding=True)
-    opt2.load_state_dict(ckpt["opt"])
     for p, p2 in zip(params, params2):
         s, s2 = opt.state[p], opt2.state[p2]
         for key in ("window_indices", "window_values", "ef_codes", "ef_min", "ef_max", "step"):
