@@ -15,7 +15,6 @@ from .microadam import MicroAdam, MicroAdamConfig
 from .shampoo import Shampoo, Shampoo32bit, Shampoo32bitConfig, ShampooConfig
 from .efcp import SparseGGT, SparseGGTConfig, SparseMFAC, SparseMFACConfig
 
-from . import offline_corpus
 from .core import CompressedOptimizer, OptimizerConfig, optimizer_memory_report
 from .core import optimizer_state_bytes
 from .core.memory import trainable_parameter_count, unwrap_optimizer
@@ -32,7 +31,7 @@ __all__ = [
     "OptimizerConfig", "OptimizerMemoryCallback", "RegistrationError", "Shampoo", "Shampoo32bit",
     "Shampoo32bitConfig", "ShampooConfig", "SparseGGT", "SparseGGTConfig", "SparseMFAC",
     "SparseMFACConfig", "__version__", "add_memory_callback", "find_zero_optimizer",
-    "offline_corpus", "optimizer_cls_and_kwargs", "optimizer_memory_report",
+    "optimizer_cls_and_kwargs", "optimizer_memory_report",
     "optimizer_state_bytes", "register", "trainable_parameter_count", "unwrap_optimizer",
 ]
 

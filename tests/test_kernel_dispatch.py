@@ -106,7 +106,7 @@ def test_bad_backend_name_is_a_value_error(monkeypatch):
 def test_repo_kernels_dir_does_not_shadow_an_installed_kernels_package(tmp_path):
     """From the repository root ``import kernels`` finds an installed regular package of that
     name (Hugging Face's ``kernels``): the repo's ``kernels/`` is a namespace directory, shipped
-    only as ``hf_compressed_optim.kernels``, which imports from anywhere."""
+    only as ``hf_compressed_optim.kernels`` (which every other test imports)."""
     import subprocess
     import sys
 
@@ -119,8 +119,3 @@ def test_repo_kernels_dir_does_not_shadow_an_installed_kernels_package(tmp_path)
     out = subprocess.run([sys.executable, "-c", "import kernels; print(kernels.MARKER)"],
                          cwd=root, **run)
     assert out.returncode == 0 and out.stdout.strip() == "installed kernels", out.stderr[-2000:]
-    code = ("import hf_compressed_optim.kernels.dispatch as d, os; "
-            "print(os.path.realpath(d.__file__))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, **run)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == os.path.join(os.path.realpath(root), "kernels", "dispatch.py")
