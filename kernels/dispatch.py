@@ -1,8 +1,8 @@
 """The one dispatcher of the kernels behind the optimizers (``hf_compressed_optim.kernels``).
 
 Every op has a PyTorch twin and a Triton kernel in its module (:mod:`.quant4`, :mod:`.topk`,
-:mod:`.window_adam`, :mod:`.error_feedback`, :mod:`.codebook`, :mod:`.sparse_rows`); the
-functions here pick one per call, by one rule for every op:
+:mod:`.window_adam`, :mod:`.error_feedback`, :mod:`.codebook`, :mod:`.sparse_rows`,
+:mod:`.lowbit_adam`); the functions here pick one per call, by one rule for every op:
 
 * ``HCO_KERNEL_BACKEND=auto`` (default): Triton for CUDA tensors when triton is usable, else
   the PyTorch twin, quietly (CPU, macOS, no triton, a Triton that fails to initialise);
@@ -21,7 +21,8 @@ import os
 
 import torch
 
-from . import _triton, codebook, error_feedback, quant4, sparse_rows, topk, window_adam
+from . import (_triton, codebook, error_feedback, lowbit_adam, quant4, sparse_rows, topk,
+               window_adam)
 from .codebook import CODEBOOKS, absmax_blocks, packed_cols
 from .layout import MAX_INT16_BLOCK, TopKLayout, entries_per_block
 
@@ -44,6 +45,7 @@ _OPS = {
     "codebook_dequantize_offdiag": (codebook, "dequantize_offdiag"),
     "sparse_rows_dot": (sparse_rows, "sparse_rows_dot"),
     "sparse_rows_combine": (sparse_rows, "sparse_rows_combine"),
+    "lowbit_adam_update": (lowbit_adam, "lowbit_adam_update"),
 }
 
 
@@ -175,6 +177,15 @@ def sparse_rows_combine(idx: torch.Tensor, vals: torch.Tensor, layout: TopKLayou
                         coeffs: torch.Tensor, out: torch.Tensor, nrows: int | None = None) -> None:
     """out += sum_i coeffs[i] * row_i (LCG, scatter-add into dense fp32 ``out``)."""
     return _impl("sparse_rows_combine", out)(idx, vals, layout, coeffs, out, nrows)
+
+
+def lowbit_adam_update(param: torch.Tensor, grad: torch.Tensor, m_codes: torch.Tensor,
+                       m_absmax: torch.Tensor, v_codes: torch.Tensor, v_absmax: torch.Tensor,
+                       bits: int, step: int, beta1: float, beta2: float, eps: float, lr: float,
+                       weight_decay: float) -> None:
+    """AdamW step with 8- or 4-bit block-quantized moments (:mod:`.lowbit_adam`)."""
+    return _impl("lowbit_adam_update", param)(param, grad, m_codes, m_absmax, v_codes, v_absmax,
+                                              bits, step, beta1, beta2, eps, lr, weight_decay)
 
 
 __all__ = ["CODEBOOKS", "ENV_VAR", "MAX_INT16_BLOCK", "KernelBackendError", "TopKLayout",

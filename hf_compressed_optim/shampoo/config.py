@@ -7,19 +7,27 @@ from dataclasses import dataclass
 from ..core.config import NONFINITE, OptimizerConfig, option
 from ..kernels.codebook import CODEBOOKS
 
+#: first-order optimizers 4-bit Shampoo grafts onto (``adamw_8bit`` / ``adamw_4bit``: AdamW with
+#: block-quantized moments, see ``kernels/lowbit_adam.py``)
+FIRST_ORDER = ("adamw", "adamw_8bit", "adamw_4bit", "sgd")
+#: first_order -> bits of its quantized moments
+LOWBIT_ADAMW = {"adamw_8bit": 8, "adamw_4bit": 4}
+
 
 @dataclass(frozen=True)
 class ShampooConfig(OptimizerConfig):
     lr: float = option(1e-3, "learning rate (float or one-element tensor)", lo=0.0,
                        tensor_ok=True)
     betas: tuple[float, float] = option((0.9, 0.999), "AdamW's moment decays "
-                                        "(first_order=adamw)", lo=0.0, hi=1.0, hi_open=True,
+                                        "(first_order=adamw*)", lo=0.0, hi=1.0, hi_open=True,
                                         parts=("beta1", "beta2"))
     eps: float = option(1e-8, "AdamW's epsilon", lo=0.0, lo_open=True)
     weight_decay: float = option(0.0, "AdamW: decoupled p *= 1 - lr wd; SGD: coupled d += wd p",
                                  lo=0.0)
-    first_order: str = option("adamw", "the optimizer fed with the grafted direction",
-                              choices=("adamw", "sgd"))
+    first_order: str = option("adamw", "the optimizer fed with the grafted direction: AdamW with "
+                              "fp32 moments (8 B/param), with 8-bit (2.03 B/param) or 4-bit "
+                              "(1.06 B/param) block-quantized moments, or SGD with momentum",
+                              choices=FIRST_ORDER)
     momentum: float = option(0.9, "SGD's momentum (no dampening)", lo=0.0, hi=1.0, hi_open=True)
     nesterov: bool = option(False, "SGD's Nesterov momentum")
     precond_bits: int = option(4, "4: 4-bit eigenvectors and roots; 32: the fp32 baseline",

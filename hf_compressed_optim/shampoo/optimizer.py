@@ -35,8 +35,9 @@ import torch
 from ..kernels import dispatch as K
 from ..core.optimizer import CompressedOptimizer, Job, as_float
 from ..kernels.codebook import absmax_blocks, packed_cols
+from ..kernels.lowbit_adam import MIN_QUANTIZED_NUMEL, state_shapes as lowbit_state_shapes
 from .blocks import FP32_KEYS, QUANT_KEYS, ParamLayout, group_indices, param_layout, split_blocks
-from .config import Shampoo32bitConfig, ShampooConfig
+from .config import LOWBIT_ADAMW, Shampoo32bitConfig, ShampooConfig
 from .matrix_functions import (
     bjorck, compose, eigen_inverse_root, eigh_inverse_root, finite_per_matrix,
     qr_subspace_refresh, robust_batched, schur_newton_inverse_root, symmetrize,
@@ -80,6 +81,8 @@ class Shampoo(CompressedOptimizer):
     STATE_CATEGORIES = {
         **{k: "preconditioner" for k in QUANT_KEYS + FP32_KEYS},
         "exp_avg": "first_order", "exp_avg_sq": "first_order", "momentum_buffer": "first_order",
+        "exp_avg_codes": "first_order", "exp_avg_absmax": "first_order",
+        "exp_avg_sq_codes": "first_order", "exp_avg_sq_absmax": "first_order",
         "step": "counters", "nonfinite_skips": "counters", "precond_failures": "counters",
         "layout": "counters",
     }
@@ -92,7 +95,14 @@ class Shampoo(CompressedOptimizer):
     def _init_state(self, state: dict, p: torch.Tensor, group: dict, index: int = 0) -> None:
         state["step"] = torch.zeros((), dtype=torch.int64)
         state["nonfinite_skips"] = torch.zeros((), dtype=torch.int64)
-        if group["first_order"] == "adamw":
+        bits = LOWBIT_ADAMW.get(group["first_order"])
+        if bits is not None and p.numel() >= MIN_QUANTIZED_NUMEL:
+            # zero codes with zero absmax: both moments dequantize to exactly 0
+            for key, shape in lowbit_state_shapes(p.numel(), bits).items():
+                state[key] = torch.zeros(shape, device=p.device,
+                                         dtype=torch.uint8 if key.endswith("codes") else
+                                         torch.float32)
+        elif group["first_order"].startswith("adamw"):
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         elif group["momentum"] > 0:
@@ -379,10 +389,17 @@ class Shampoo(CompressedOptimizer):
         lr = as_float(group["lr"])
         wd = as_float(group["weight_decay"])
         d = job.direction if job.direction is not None else job.grad
+        if "exp_avg_codes" in state:  # adamw_8bit / adamw_4bit on a tensor large enough
+            beta1, beta2 = group["betas"]
+            K.lowbit_adam_update(p, d, state["exp_avg_codes"], state["exp_avg_absmax"],
+                                 state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"],
+                                 LOWBIT_ADAMW[group["first_order"]], job.t, beta1, beta2,
+                                 group["eps"], lr, wd)
+            return
         exact = p.dtype == torch.float32
         work = p if exact else p.float()
         d = d if d.dtype == work.dtype else d.to(work.dtype)
-        if group["first_order"] == "adamw":
+        if "exp_avg" in state:
             beta1, beta2 = group["betas"]
             m, v = state["exp_avg"], state["exp_avg_sq"]
             if not exact:
