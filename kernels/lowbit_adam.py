@@ -29,14 +29,11 @@ import functools
 
 import torch
 
-from ._triton import FLOAT_DTYPES, LAUNCH, arg, flat, jit, load_f32, np2, on_device, store_f32, tl
+from ._triton import FLOAT_DTYPES, LAUNCH, arg, flat, jit, load_f32, on_device, store_f32, tl
 from .codebook import dynamic_tree_values
 
 #: bits -> elements per absmax block (both moments)
 BLOCK = {8: 256, 4: 128}
-#: tensors with fewer elements keep fp32 moments (as bitsandbytes and torchao do): their state is
-#: negligible and the absmax of a tiny block is a poor scale
-MIN_QUANTIZED_NUMEL = 4096
 #: bits whose second-moment codes hold sqrt(v) (the RMS) rather than v: squaring halves the
 #: relative error of small entries and doubles the dynamic range the 15 values of the 4-bit map
 #: cover (at 8 bits the map already reaches 3e-7 of the block maximum; measured on the
@@ -291,6 +288,6 @@ def lowbit_adam_update_triton(param: torch.Tensor, grad: torch.Tensor, m_codes: 
                               BLOCK=block, HAS_DECAY=decay != 1.0, num_warps=4, **LAUNCH)
 
 
-__all__ = ["BLOCK", "MIN_QUANTIZED_NUMEL", "dequantize_moment", "lowbit_adam_update",
+__all__ = ["BLOCK", "dequantize_moment", "lowbit_adam_update",
            "lowbit_adam_update_triton", "moment_maps", "quantize_moment", "state_shapes",
-           "unsigned_dynamic_values", "np2"]
+           "unsigned_dynamic_values"]

@@ -286,6 +286,35 @@ def test_state_bytes_follow_paper_formula_and_beat_32bit_by_6x():
     assert set(b4) == {"total", "preconditioner", "first_order", "counters"}
 
 
+@pytest.mark.parametrize("first_order,per_param", [("adamw", 8.0), ("adamw_8bit", 2 + 8 / 256),
+                                                   ("adamw_4bit", 1 + 8 / 128)])
+def test_grafting_state_bytes_of_low_bit_adamw(first_order, per_param):
+    """AdamW's two moments: fp32 (8 B/param), 8-bit codes + an fp32 absmax per 256 elements, or
+    4-bit codes + one per 128; tensors under lowbit_min_size keep fp32 moments."""
+    big, small = torch.nn.Parameter(torch.randn(128, 256)), torch.nn.Parameter(torch.randn(60, 60))
+    opt = Shampoo([big, small], first_order=first_order)
+    for p in (big, small):
+        p.grad = torch.randn(p.shape)
+    opt.step()
+    assert optimizer_state_bytes(opt)["first_order"] == per_param * big.numel() + 8 * small.numel()
+    assert "exp_avg" in opt.state[small]
+
+
+@pytest.mark.parametrize("first_order", ["adamw_8bit", "adamw_4bit"])
+def test_low_bit_grafting_stays_finite_on_huge_gradients(first_order):
+    """Gradients whose squares overflow fp32 (v is clamped to the fp32 maximum before it is
+    quantized): parameters and codes stay finite, as with fp32 moments."""
+    params = _params(shapes=((64, 64),))
+    opt = Shampoo(params, lr=1e-2, first_order=first_order, stat_update_interval=1,
+                  root_update_interval=2)
+    for t, scale in enumerate([1.0, 1.0, 1e20, 1e30, 1e30], 1):
+        _run(opt, params, [[g * scale for g in gs] for gs in _grads(params, 1, seed=t)])
+        assert bool(torch.isfinite(params[0]).all()), t
+    state = opt.state[params[0]]
+    assert bool(torch.isfinite(state["exp_avg_absmax"]).all())
+    assert bool(torch.isfinite(state["exp_avg_sq_absmax"]).all())
+
+
 def test_blocking_partitions_and_small_factors_stay_fp32():
     lay = param_layout((2600, 70), 1200, 4, 4096, 64)
     assert [b.shape for b in lay.blocks] == [(1200, 70), (1200, 70), (200, 70)]
@@ -340,12 +369,13 @@ def test_batched_equal_shapes_match_separate_optimizers():
 
 
 # ---------------------------------------------------------------------- checkpoints, dtypes
+@pytest.mark.parametrize("first_order", ["adamw", "adamw_8bit", "adamw_4bit"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_save_resume_exact_with_weights_only(dtype):
+def test_save_resume_exact_with_weights_only(dtype, first_order):
     def make():
         params = [torch.nn.Parameter(p.detach().to(dtype)) for p in _params()]
         return params, Shampoo(params, lr=1e-2, stat_update_interval=2, root_update_interval=3,
-                               min_quant_size=64)
+                               min_quant_size=64, first_order=first_order)
 
     grads = _grads(_params(), 10)
     full_params, full, opt, saved = _full_run_and_checkpoint(make, grads)
@@ -359,7 +389,13 @@ def test_save_resume_exact_with_weights_only(dtype):
         assert p.dtype == dtype and torch.equal(p, q)
     for s_full, s_res in zip(full.state.values(), opt2.state.values()):
         _assert_same_state(s_res, s_full)
-    assert opt2.state[params2[0]]["exp_avg"].dtype == dtype  # first-order state: param dtype
+    if first_order == "adamw":
+        assert opt2.state[params2[0]]["exp_avg"].dtype == dtype  # first-order state: param dtype
+    else:  # the (70, 66) parameter has quantized moments: uint8 codes and fp32 scales kept
+        big = opt2.state[params2[4]]
+        assert "exp_avg" not in big and big["exp_avg_sq_codes"].dtype == torch.uint8
+        assert big["exp_avg_absmax"].dtype == torch.float32
+        assert opt2.state[params2[0]]["exp_avg"].dtype == dtype  # (40, 30): below 4096
 
 
 def _make_quantized(codebook):
@@ -442,10 +478,12 @@ def test_invalid_hyperparameters_raise_value_error_naming_them(kwargs, name):
         Shampoo32bit([torch.nn.Parameter(torch.zeros(2))], precond_bits=4)
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_nonfinite_gradient_never_reaches_statistics(bad):
+@pytest.mark.parametrize("bad,first_order", [(float("nan"), "adamw"), (float("inf"), "adamw"),
+                                             (float("nan"), "adamw_4bit")])
+def test_nonfinite_gradient_never_reaches_statistics(bad, first_order):
     params = _params(shapes=((70, 66), (20, 10)))
-    opt = Shampoo(params, lr=1e-2, stat_update_interval=1, root_update_interval=1)
+    opt = Shampoo(params, lr=1e-2, stat_update_interval=1, root_update_interval=1,
+                  first_order=first_order)
     _run(opt, params, _grads(params, 2))
     snapshot = _tensors(opt.state[params[0]])
     before = params[0].detach().clone()

@@ -106,15 +106,18 @@ def test_registered_names_and_bad_optim_args(tmp_path):
 
     assert {"shampoo_4bit", "shampoo_32bit"} <= set(OptimizerNames._value2member_map_)
     args = training_args(tmp_path, optim="shampoo_32bit",
-                         optim_args="T1=10,T2=50,rectify_t2=3,inverse_root=schur_newton")
+                         optim_args="T1=10,T2=50,rectify_t2=3,inverse_root=schur_newton,"
+                                    "first_order=adamw_8bit")
     cls, kwargs = hco.optimizer_cls_and_kwargs("shampoo_32bit", args)
     opt = cls([torch.nn.Parameter(torch.zeros(4, 4))], **kwargs)
     g = opt.param_groups[0]
     assert (g["precond_bits"], g["stat_update_interval"], g["root_update_interval"],
-            g["rectify_iters"], g["inverse_root"]) == (32, 10, 50, (1, 3), "schur_newton")
+            g["rectify_iters"], g["inverse_root"], g["first_order"]) == \
+        (32, 10, 50, (1, 3), "schur_newton", "adamw_8bit")
     for name, bad, key in (("shampoo_4bit", "precond_bits=8", "precond_bits"),
                            ("shampoo_4bit", "stat_decay=2", "stat_decay"),
                            ("shampoo_4bit", "codebook=nf4", "codebook"),
+                           ("shampoo_4bit", "first_order=adamw_2bit", "first_order"),
                            ("shampoo_32bit", "precond_bits=4", "precond_bits"),
                            ("shampoo_4bit", "T1=0", "T1")):
         with pytest.raises(ValueError, match=key):

@@ -28,6 +28,8 @@ class ShampooConfig(OptimizerConfig):
                               "fp32 moments (8 B/param), with 8-bit (2.03 B/param) or 4-bit "
                               "(1.06 B/param) block-quantized moments, or SGD with momentum",
                               choices=FIRST_ORDER)
+    lowbit_min_size: int = option(4096, "first_order=adamw_8bit/4bit: (local) tensors with fewer "
+                                  "elements keep fp32 moments", lo=0)
     momentum: float = option(0.9, "SGD's momentum (no dampening)", lo=0.0, hi=1.0, hi_open=True)
     nesterov: bool = option(False, "SGD's Nesterov momentum")
     precond_bits: int = option(4, "4: 4-bit eigenvectors and roots; 32: the fp32 baseline",

@@ -35,7 +35,7 @@ import torch
 from ..kernels import dispatch as K
 from ..core.optimizer import CompressedOptimizer, Job, as_float
 from ..kernels.codebook import absmax_blocks, packed_cols
-from ..kernels.lowbit_adam import MIN_QUANTIZED_NUMEL, state_shapes as lowbit_state_shapes
+from ..kernels.lowbit_adam import state_shapes as lowbit_state_shapes
 from .blocks import FP32_KEYS, QUANT_KEYS, ParamLayout, group_indices, param_layout, split_blocks
 from .config import LOWBIT_ADAMW, Shampoo32bitConfig, ShampooConfig
 from .matrix_functions import (
@@ -95,8 +95,8 @@ class Shampoo(CompressedOptimizer):
     def _init_state(self, state: dict, p: torch.Tensor, group: dict, index: int = 0) -> None:
         state["step"] = torch.zeros((), dtype=torch.int64)
         state["nonfinite_skips"] = torch.zeros((), dtype=torch.int64)
-        bits = LOWBIT_ADAMW.get(group["first_order"])
-        if bits is not None and p.numel() >= MIN_QUANTIZED_NUMEL:
+        bits = self._lowbit_bits(group, p)
+        if bits:
             # zero codes with zero absmax: both moments dequantize to exactly 0
             for key, shape in lowbit_state_shapes(p.numel(), bits).items():
                 state[key] = torch.zeros(shape, device=p.device,
@@ -141,6 +141,13 @@ class Shampoo(CompressedOptimizer):
             else:
                 f.slice(state["stat_fp32"], 0).copy_((eye * eps).flatten())
                 f.slice(state["root_fp32"], 1).copy_(eye.flatten())
+
+    @staticmethod
+    def _lowbit_bits(group: dict, p: torch.Tensor) -> int | None:
+        """Bits of the quantized AdamW moments of (local) tensor ``p``; None for fp32 moments or
+        SGD. Decided per local tensor, so FSDP2 shards of one parameter may differ."""
+        bits = LOWBIT_ADAMW.get(group["first_order"])
+        return bits if bits and p.numel() >= group["lowbit_min_size"] else None
 
     @staticmethod
     def _param_layout(state: dict, p: torch.Tensor):
@@ -389,17 +396,17 @@ class Shampoo(CompressedOptimizer):
         lr = as_float(group["lr"])
         wd = as_float(group["weight_decay"])
         d = job.direction if job.direction is not None else job.grad
-        if "exp_avg_codes" in state:  # adamw_8bit / adamw_4bit on a tensor large enough
+        bits = self._lowbit_bits(group, p)
+        if bits:
             beta1, beta2 = group["betas"]
             K.lowbit_adam_update(p, d, state["exp_avg_codes"], state["exp_avg_absmax"],
-                                 state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"],
-                                 LOWBIT_ADAMW[group["first_order"]], job.t, beta1, beta2,
-                                 group["eps"], lr, wd)
+                                 state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], bits,
+                                 job.t, beta1, beta2, group["eps"], lr, wd)
             return
         exact = p.dtype == torch.float32
         work = p if exact else p.float()
         d = d if d.dtype == work.dtype else d.to(work.dtype)
-        if "exp_avg" in state:
+        if group["first_order"].startswith("adamw"):
             beta1, beta2 = group["betas"]
             m, v = state["exp_avg"], state["exp_avg_sq"]
             if not exact:

@@ -42,9 +42,12 @@ def make_optimizer(name, params, density):
         return hco.MicroAdam(params, lr=1e-2, window_size=3, density=density,
                              quant_block_size=8, topk_block_size=64, weight_decay=0.1)
     if name in ("shampoo_4bit", "shampoo_32bit"):
-        # tiny factors: quantize all of them (min_quant_size=0), refresh often
-        return hco.Shampoo(params, lr=1e-2, weight_decay=0.1,
-                           precond_bits=4 if name == "shampoo_4bit" else 32,
+        # tiny factors: quantize all of them (min_quant_size=0), refresh often; the 4-bit run
+        # grafts onto AdamW with 4-bit moments on every shard (lowbit_min_size=0), the 32-bit
+        # run onto fp32 AdamW
+        four = name == "shampoo_4bit"
+        return hco.Shampoo(params, lr=1e-2, weight_decay=0.1, precond_bits=4 if four else 32,
+                           first_order="adamw_4bit" if four else "adamw", lowbit_min_size=0,
                            stat_update_interval=1, root_update_interval=2, min_quant_size=0,
                            quant_block_size=8, max_order=12)
     if name == "efcp_mfac":
