@@ -124,8 +124,14 @@ def unpack_nibbles(packed: torch.Tensor, cols: int) -> torch.Tensor:
 
 
 def nearest_code(x: torch.Tensor, mids: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest code value for normalised ``x`` (ties at a midpoint: lower code)."""
-    return torch.bucketize(x.contiguous(), mids, right=False)
+    """Index (int64) of the nearest code value for normalised ``x`` (ties at a midpoint: lower
+    code): the number of midpoints below ``x``, counted with one vectorised comparison per
+    midpoint (about twice as fast as ``torch.bucketize``'s per-element search on CPU for 15
+    midpoints; the same result for finite ``x``)."""
+    count = torch.gt(x, float(mids[0])).to(torch.uint8)
+    for m in mids[1:].tolist():
+        count.add_(torch.gt(x, m))
+    return count.long()
 
 
 # ---- quantize / dequantize ----------------------------------------------------------------------
@@ -161,18 +167,28 @@ def quantize_rows(x: torch.Tensor, name: str, block: int) -> tuple[torch.Tensor,
     return pack_nibbles(idx), absmax
 
 
+def byte_pairs(name: str, device=None) -> torch.Tensor:
+    """fp32 (256, 2): the two code values (low nibble, high nibble) each byte decodes to."""
+    values, _ = codebook_and_midpoints(name, device)
+    return torch.stack((values.repeat(16), values.repeat_interleave(16)), dim=1)
+
+
 def dequantize_rows(codes: torch.Tensor, absmax: torch.Tensor, cols: int, name: str, block: int,
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Inverse of :func:`quantize_rows` (up to the quantization error)."""
+    """Inverse of :func:`quantize_rows` (up to the quantization error).
+
+    Runs every step of 4-bit Shampoo (the inverse roots), so it takes two passes: one gather of
+    both values of every byte from a 256-entry table, one in-place scaling by the absmax."""
     _check_block(block)
-    values, _ = codebook_and_midpoints(name, codes.device)
-    nblk = absmax.shape[-1]
-    idx = unpack_nibbles(codes, cols)
-    pad = nblk * block - cols
-    if pad:
-        idx = torch.nn.functional.pad(idx, (0, pad))
-    v = values[idx].reshape(*idx.shape[:-1], nblk, block) * absmax.unsqueeze(-1)
-    return v.flatten(-2)[..., :cols].to(dtype)
+    lead, pc = codes.shape[:-1], codes.shape[-1]
+    out = torch.index_select(byte_pairs(name, codes.device), 0, codes.reshape(-1).int())
+    out = out.view(*lead, 2 * pc)[..., :cols]
+    nblk, nfull = absmax.shape[-1], cols // block
+    if nfull:
+        out[..., :nfull * block].unflatten(-1, (nfull, block)).mul_(absmax[..., :nfull, None])
+    if nfull < nblk:  # a shorter last block
+        out[..., nfull * block:].mul_(absmax[..., nfull:])
+    return out.contiguous().to(dtype)
 
 
 def quantize_offdiag(x: torch.Tensor, name: str, block: int

@@ -1,6 +1,6 @@
 """Benchmarks of 4-bit Shampoo against its 32-bit baseline and torch AdamW.
 
-Three parts (``--part all`` runs them in this order):
+Parts (``--part all`` runs the first three in this order; the others are named explicitly):
 
 * ``memory``: preconditioner bytes per factor on the real layer shapes of TinyLlama-1.1B (hidden
   2048, intermediate 5632, 4 KV heads: q/o 2048x2048, k/v 256x2048, gate/up 5632x2048,
@@ -12,6 +12,15 @@ Three parts (``--part all`` runs them in this order):
 * ``steptime``: median optimizer-step time over full ``root_update_interval`` cycles, relative to
   torch AdamW on the same model (CPU; on a CUDA device the timing uses synchronisation and CUDA
   events).
+* ``grafting``: the whole optimizer state (preconditioners + grafting optimizer) on the
+  TinyLlama-1.1B layer shapes for ``first_order`` = adamw / adamw_8bit / adamw_4bit, as bytes per
+  parameter and as a ratio to the fp32-grafted 4-bit Shampoo.
+* ``lstsq``: steps to reach a loss target on a rotated, ill-conditioned matrix least-squares
+  problem ``0.5 ||A (W - W*) B||^2`` (A, B with random eigenbases: a diagonal method cannot
+  undo the conditioning), best over an lr grid, for AdamW, 32-bit Shampoo and 4-bit Shampoo over
+  each grafting optimizer.
+* ``cycle``: 4-bit against 32-bit Shampoo step time over whole T2 cycles (T1 = 10, T2 = 50) on
+  four 2048 x 1024 matrices (8.4M parameters, random gradients), rounds interleaved.
 
     python -m recipes.benchmarks.shampoo --part all --json recipes/results/shampoo_cpu_2026-11-21.json
     python -m recipes.benchmarks.shampoo --quick        # a smoke run of every part
@@ -81,6 +90,134 @@ def bench_memory(quick: bool) -> dict:
         out[f"per_factor_order_{n}"] = {"measured_formula": formula_bytes(n),
                                         "paper_1.125n2_8n": 1.125 * n * n + 8 * n,
                                         "bits32": 8 * n * n}
+    return out
+
+
+# ---------------------------------------------------------------------------------- grafting
+GRAFTING = ("adamw", "adamw_8bit", "adamw_4bit")
+
+
+def bench_grafting(quick: bool) -> dict:
+    """Whole-state bytes per parameter of 4-bit Shampoo per grafting optimizer (and 32-bit
+    Shampoo with fp32 AdamW) on the TinyLlama layer shapes."""
+    shapes = {"q_proj": (2048, 2048)} if quick else TINYLLAMA_SHAPES
+    n_params = sum(a * b for a, b in shapes.values())
+    variants = {f"4bit+{fo}": dict(precond_bits=4, first_order=fo) for fo in GRAFTING}
+    variants["32bit+adamw"] = dict(precond_bits=32, first_order="adamw")
+    out = {"params": n_params, "shapes": {k: list(v) for k, v in shapes.items()}, "variants": {}}
+    for name, kw in variants.items():
+        total: dict = {}
+        for shape in shapes.values():
+            p = torch.nn.Parameter(torch.zeros(shape))
+            opt = Shampoo([p], stat_update_interval=10 ** 6, root_update_interval=10 ** 6, **kw)
+            p.grad = torch.zeros(shape)
+            opt.step()  # state creation (and one first-order step)
+            for k, v in optimizer_state_bytes(opt).items():
+                total[k] = total.get(k, 0) + v
+            del opt, p
+        out["variants"][name] = {k: v / n_params for k, v in total.items()}
+    base = out["variants"]["4bit+adamw"]["total"]
+    for row in out["variants"].values():
+        row["ratio_vs_4bit_fp32_grafting"] = row["total"] / base
+    return out
+
+
+# ---------------------------------------------------------------------------------- least squares
+LSTSQ_KINDS = {
+    "adamw": None,
+    "shampoo_32bit": dict(precond_bits=32),
+    "shampoo_4bit": dict(precond_bits=4),
+    "shampoo_4bit+adamw_8bit": dict(precond_bits=4, first_order="adamw_8bit"),
+    "shampoo_4bit+adamw_4bit": dict(precond_bits=4, first_order="adamw_4bit"),
+}
+
+
+def lstsq_problem(rows: int, cols: int, spread: float, seed: int = 0):
+    """(A, B, W*): symmetric A (rows x rows) and B (cols x cols) with random orthogonal
+    eigenvectors and eigenvalues log-spaced from 1 down to ``spread``, so the Hessian
+    ``B² ⊗ A²`` of ``0.5 ||A (W - W*) B||²`` has condition number ``spread^-4``."""
+    g = torch.Generator().manual_seed(seed)
+    mats = []
+    for n in (rows, cols):
+        q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+        ev = torch.logspace(0, math.log10(spread), n, dtype=torch.float64)
+        mats.append(((q * ev) @ q.T).float())
+    return mats[0], mats[1], torch.randn(rows, cols, generator=g)
+
+
+def lstsq_steps(kind: str, lr: float, problem, target: float, max_steps: int, t1: int,
+                t2: int) -> tuple[int | None, float]:
+    """(first step whose loss is <= target x the initial loss, or None; final relative loss)."""
+    a, b, w_star = problem
+    w = torch.nn.Parameter(torch.zeros_like(w_star))
+    kw = LSTSQ_KINDS[kind]
+    opt = torch.optim.AdamW([w], lr=lr, weight_decay=0.0) if kw is None else \
+        Shampoo([w], lr=lr, stat_update_interval=t1, root_update_interval=t2, **kw)
+    first = None
+    for t in range(1, max_steps + 1):
+        r = a @ (w.detach() - w_star) @ b
+        loss = 0.5 * float((r * r).sum())
+        first = loss if first is None else first
+        if loss <= target * first:
+            return t, loss / first
+        w.grad = a.T @ r @ b.T
+        opt.step()
+    return None, loss / first
+
+
+def bench_lstsq(args) -> dict:
+    problem = lstsq_problem(args.lstsq_rows, args.lstsq_cols, args.lstsq_spread)
+    out = {"setup": dict(rows=args.lstsq_rows, cols=args.lstsq_cols, spread=args.lstsq_spread,
+                         hessian_condition=args.lstsq_spread ** -4, target=args.lstsq_target,
+                         max_steps=args.lstsq_max_steps, t1=args.lstsq_t1, t2=args.lstsq_t2,
+                         lrs=args.lstsq_lrs), "runs": {}, "best": {}}
+    for kind in LSTSQ_KINDS:
+        runs = {}
+        for lr in args.lstsq_lrs:
+            runs[str(lr)] = lstsq_steps(kind, lr, problem, args.lstsq_target,
+                                        args.lstsq_max_steps, args.lstsq_t1, args.lstsq_t2)
+        out["runs"][kind] = runs
+        reached = {lr: st for lr, (st, _) in runs.items() if st is not None}
+        lr = min(reached, key=reached.get) if reached else None
+        edge = lr in (str(args.lstsq_lrs[0]), str(args.lstsq_lrs[-1]))
+        out["best"][kind] = {"steps": reached.get(lr), "lr": lr, "lr_at_grid_edge": edge}
+        print(f"lstsq {kind:24s} steps {reached.get(lr)} at lr {lr}", flush=True)
+    ref = {k: out["best"][k]["steps"] for k in ("shampoo_32bit", "adamw")}
+    for kind, row in out["best"].items():
+        for base, steps in ref.items():
+            if row["steps"] and steps:
+                row[f"ratio_vs_{base}"] = row["steps"] / steps
+    return out
+
+
+# ---------------------------------------------------------------------------------- T2 cycles
+def bench_cycle(args) -> dict:
+    """Seconds per T2 cycle of 4-bit and 32-bit Shampoo, interleaved cycle by cycle."""
+    shapes = [(512, 256)] * 2 if args.quick else [(2048, 1024)] * 4
+    opts = {}
+    for bits in (32, 4):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02) for s in shapes]
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+        opts[bits] = Shampoo(params, lr=1e-4, precond_bits=bits, stat_update_interval=args.t1,
+                             root_update_interval=args.t2)
+    cycles: dict = {32: [], 4: []}
+    for rnd in range(args.cycles + 1):  # the first round warms up (and builds the statistics)
+        for bits, opt in opts.items():
+            t0 = time.perf_counter()
+            for _ in range(args.t2):
+                opt.step()
+            if rnd:
+                cycles[bits].append(time.perf_counter() - t0)
+    med = {bits: statistics.median(c) for bits, c in cycles.items()}
+    out = {"params": sum(a * b for a, b in shapes), "t1": args.t1, "t2": args.t2,
+           "threads": torch.get_num_threads(),
+           "cycle_s": {str(b): c for b, c in cycles.items()},
+           "median_cycle_s": {str(b): m for b, m in med.items()},
+           "ratio_4bit_vs_32bit": med[4] / med[32]}
+    print(f"cycle: 32-bit {med[32]:.2f} s, 4-bit {med[4]:.2f} s per {args.t2} steps "
+          f"({out['ratio_4bit_vs_32bit']:.2f}x)", flush=True)
     return out
 
 
@@ -221,7 +358,8 @@ def bench_steptime(args) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--part", choices=("all", "memory", "convergence", "steptime"), default="all")
+    ap.add_argument("--part", choices=("all", "memory", "convergence", "steptime", "grafting",
+                                       "lstsq", "cycle"), default="all")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run of the chosen parts")
     add_options(ap, {"--hidden": 192, "--layers": 3, "--block": 128, "--batch": 16,
                      "--steps": 300, "--eval_every": 25, "--threads": 0})
@@ -230,6 +368,17 @@ def main(argv=None):
     ap.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 2e-3, 4e-3])
     ap.add_argument("--cycles", type=int, default=3, help="T2 cycles timed in steptime")
     ap.add_argument("--cpu", action="store_true", help="time on CPU even if CUDA is available")
+    ap.add_argument("--lstsq_rows", type=int, default=96)
+    ap.add_argument("--lstsq_cols", type=int, default=64)
+    ap.add_argument("--lstsq_spread", type=float, default=10 ** -1.5,
+                    help="smallest eigenvalue of A and B (largest 1)")
+    ap.add_argument("--lstsq_target", type=float, default=1e-3,
+                    help="loss target as a fraction of the initial loss")
+    ap.add_argument("--lstsq_max_steps", type=int, default=1000)
+    ap.add_argument("--lstsq_t1", type=int, default=1)
+    ap.add_argument("--lstsq_t2", type=int, default=10)
+    ap.add_argument("--lstsq_lrs", type=float, nargs="+",
+                    default=[0.1, 0.15, 0.2, 0.3, 0.5, 0.7, 1.0])
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default="recipes/results/shampoo_convergence.png")
     args = ap.parse_args(argv)
@@ -238,6 +387,8 @@ def main(argv=None):
     if args.quick:
         args.hidden, args.layers, args.steps, args.eval_every = 64, 1, 20, 10
         args.t1, args.t2, args.lrs, args.cycles, args.batch = 2, 5, [2e-3], 1, 4
+        args.lstsq_rows, args.lstsq_cols, args.lstsq_max_steps = 64, 64, 60
+        args.lstsq_lrs, args.lstsq_target = [0.3], 0.1
     result = {"machine": platform.processor() or platform.machine(),
               "torch": torch.__version__, "threads": torch.get_num_threads()}
     if args.part in ("all", "memory"):
@@ -251,6 +402,15 @@ def main(argv=None):
             plot(result["convergence"], args.plot)
     if args.part in ("all", "steptime"):
         result["steptime"] = bench_steptime(args)
+    if args.part == "grafting":
+        result["grafting"] = bench_grafting(args.quick)
+        for name, row in result["grafting"]["variants"].items():
+            print(f"grafting {name:18s} {row['total']:.3f} B/param "
+                  f"({row['ratio_vs_4bit_fp32_grafting']:.3f}x)", flush=True)
+    if args.part == "lstsq":
+        result["lstsq"] = bench_lstsq(args)
+    if args.part == "cycle":
+        result["cycle"] = bench_cycle(args)
     write_json(result, args.json)
     return result
 
