@@ -75,9 +75,15 @@ def _ours(name: str, cls, note: str, grid: dict, kwargs: dict | None = None) -> 
 
 
 #: Variants measured only when named with ``--optimizers``: option studies, not default choices.
+#: name -> (the roster entry whose class, grid and budget overrides they share, extra options,
+#: note)
 VARIANTS = {
-    f"microadam_alpha{a:g}": (dict(alpha=a), f"MicroAdam with alpha={a:g} (densify: the update "
-                                             f"also applies alpha·Q⁻¹(e))") for a in (0.25, 0.5)
+    **{f"microadam_alpha{a:g}": ("microadam", dict(alpha=a),
+                                 f"MicroAdam with alpha={a:g} (densify: the update also applies "
+                                 f"alpha·Q⁻¹(e))") for a in (0.25, 0.5)},
+    **{f"shampoo_4bit+adamw_{b}bit": ("shampoo_4bit", dict(first_order=f"adamw_{b}bit"),
+                                      f"Shampoo, 4-bit preconditioners, grafting onto AdamW with "
+                                      f"{b}-bit moments") for b in (8, 4)},
 }
 
 
@@ -111,8 +117,10 @@ def build_roster(include_peers: bool = True, quick: bool = False,
                                "Shampoo, fp32 preconditioners, AdamW grafting", adam_grid),
     }
     if variants:
-        for name, (kwargs, note) in VARIANTS.items():
-            roster[name] = _ours(name, hco.MicroAdam, note, grids["microadam"], kwargs)
+        classes = {"microadam": hco.MicroAdam, "shampoo_4bit": hco.Shampoo}
+        for name, (base, extra, note) in VARIANTS.items():
+            kwargs = {**BUDGET_OVERRIDES.get(base, ({}, ""))[0], **extra}
+            roster[name] = _ours(name, classes[base], note, roster[base].lr_grid, kwargs)
     if not include_peers:
         return roster
     with warnings.catch_warnings():
