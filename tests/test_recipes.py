@@ -82,13 +82,11 @@ def test_benchmark_quick(tmp_path, keep_threads):
 @pytest.mark.multiprocess
 def test_finetune_llama_under_torchrun(tmp_path):
     """Two gloo ranks (DDP on CPU): the same script, world size 2, loss still falls."""
-    import subprocess
-    import sys
+    from _dist_utils import torchrun
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           str(RECIPES / "finetune_llama.py"), *TINY, "--max_steps", "6",
-           "--learning_rate", "3e-2", "--output_dir", str(tmp_path)]
-    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+    torchrun(RECIPES / "finetune_llama.py", *TINY, "--max_steps", "6", "--learning_rate",
+             "3e-2", "--output_dir", str(tmp_path), timeout=300,
+             result=tmp_path / "finetune_results.json")
     res = json.loads((tmp_path / "finetune_results.json").read_text())
     assert res["world_size"] == 2 and res["optimizer_class"] == "MicroAdam"
     assert res["eval_loss_after"] < res["eval_loss_before"]

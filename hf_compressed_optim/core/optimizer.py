@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from ..engines import Engine, engine_of
+from ..engines.collectives import all_reduce
 from ..engines.fsdp2 import is_sharded, local_view, pack, possible_local_shapes
 from .config import OptimizerConfig
 
@@ -232,7 +233,7 @@ class CompressedOptimizer(torch.optim.Optimizer):
         parameters (ZeRO-1 partitions, FSDP2 shards); unchanged in a single process or DDP."""
         group = self.engine.reduce_group
         if group is not None:
-            dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM, group=group)
+            all_reduce(tensor, op=op, group=group)
         return tensor
 
     # -------------------------------------------------------------- step helpers
@@ -292,7 +293,7 @@ class CompressedOptimizer(torch.optim.Optimizer):
                 torch.isfinite(stats).all(dim=1).to(device=device, dtype=torch.int32)
         if params is not None and any(is_sharded(p) for p in params) and dist.is_available() \
                 and dist.is_initialized():
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+            all_reduce(ok, op=dist.ReduceOp.MIN)
         return [bool(v) for v in ok.tolist()]
 
     def _on_nonfinite(self, names: list[str]) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import faulthandler
 import json
 import os
-import sys
 
 import torch.distributed as dist
 
@@ -17,16 +16,12 @@ def start_watchdog() -> None:
 
 
 def finish(result: dict, path) -> None:
-    """Rank 0 writes ``result`` as JSON; then every rank exits at once.
-
-    Exiting here skips interpreter teardown: releasing Trainer / DDP / gloo objects after the
-    last collective intermittently hangs or aborts ("terminate called without an active
-    exception", torch 2.13 on CPU) after every result is already written.
+    """Rank 0 writes ``result`` as JSON; every rank waits for the others, then returns and the
+    process exits the ordinary way, through the interpreter's teardown, with the process group
+    still alive (as many user scripts do). A crash at exit therefore fails the run (torchrun
+    reports the rank's signal) instead of being skipped by ``os._exit``.
     """
     if dist.get_rank() == 0:
         with open(path, "w") as f:
             json.dump(result, f)
     dist.barrier()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
