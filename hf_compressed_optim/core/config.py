@@ -147,6 +147,15 @@ class OptimizerConfig:
     #: constructor arguments the Trainer supplies from TrainingArguments (adam_beta1/2, epsilon)
     TRAINER_ADAM_ARGS: ClassVar[tuple[str, ...]] = ("betas", "eps")
 
+    # options every optimizer has (listed after the optimizer's own in the README tables)
+    gradient_release: bool = option(
+        False, "step each parameter inside backward and free its gradient at once (no "
+        "gradient buffer; see the README's Gradient release section)", group=False)
+    per_param_max_grad_norm: float = option(
+        0.0, "clip each parameter's gradient to this L2 norm before its update (0: off); the "
+        "per-parameter stand-in for Trainer's max_grad_norm, which cannot run before a released "
+        "step", lo=0.0, group=False)
+
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value, meta, kind = getattr(self, f.name), f.metadata, _kind(f)
@@ -234,9 +243,15 @@ class OptimizerConfig:
             raise ValueError(f"invalid arguments for optimizer {optim!r}: {err}") from None
 
     @classmethod
+    def fields_in_order(cls) -> list[dataclasses.Field]:
+        """The optimizer's own options first, then those every optimizer shares."""
+        shared = {f.name for f in dataclasses.fields(OptimizerConfig)}
+        return sorted(dataclasses.fields(cls), key=lambda f: f.name in shared)
+
+    @classmethod
     def describe_keys(cls) -> str:
         out = []
-        for f in dataclasses.fields(cls):
+        for f in cls.fields_in_order():
             meta = f.metadata
             kind = ("one of " + "|".join(map(str, meta["choices"])) if meta["choices"] else
                     _kind(f) + (f" in {_interval(meta)}" if _kind(f) in ("int", "float") else ""))
@@ -249,7 +264,7 @@ class OptimizerConfig:
     def markdown_table(cls) -> str:
         """The README's option table: key (aliases), default, allowed values, meaning."""
         rows = ["| option | default | allowed | meaning |", "| --- | --- | --- | --- |"]
-        for f in dataclasses.fields(cls):
+        for f in cls.fields_in_order():
             meta = f.metadata
             keys = ", ".join(f"`{k}`" for k in (f.name, *meta["aliases"], *meta["parts"]))
             if meta["choices"]:

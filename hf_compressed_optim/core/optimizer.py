@@ -11,6 +11,8 @@
 * The engine that distributes the parameters (:mod:`hf_compressed_optim.engines`) is consulted
   here only: DTensor (FSDP2) state is packed for distributed checkpoints, global sums run over
   the engine's reduce group, flat partitions are refused where matrix shapes are needed.
+* ``gradient_release=True`` (:mod:`.release`) runs the same step template per parameter inside
+  backward and frees each gradient; ``step()`` then finishes the step.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from ..engines import Engine, engine_of
 from ..engines.collectives import all_reduce
 from ..engines.fsdp2 import is_sharded, local_view, pack, possible_local_shapes
 from .config import OptimizerConfig
+from .release import GradientRelease, distributed_world_size, refusal_of_distributed
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -70,6 +73,10 @@ class CompressedOptimizer(torch.optim.Optimizer):
     GLOBAL_STEP: ClassVar[bool] = False
     #: needs each parameter's matrix shape (refuses the flat partitions of FSDP1 / DeepSpeed)
     NEEDS_MATRIX_SHAPES: ClassVar[bool] = False
+    #: the hooks of ``gradient_release=True`` (None without, or after ``remove_hooks()``)
+    _release: GradientRelease | None = None
+    #: the L2 norm of the gradients released in the last step (Trainer logs it as grad_norm)
+    released_grad_norm: torch.Tensor | None = None
 
     def __init__(self, params, config: OptimizerConfig | None = None, **options: Any):
         if config is None:
@@ -80,6 +87,60 @@ class CompressedOptimizer(torch.optim.Optimizer):
             raise TypeError(f"config must be a {self.Config.__name__}, got {type(config).__name__}")
         self.config = config
         super().__init__(params, config.group_defaults())
+        if config.gradient_release:
+            self._check_release_supported()
+            self._release = GradientRelease(self)
+
+    # -------------------------------------------------------------- gradient release
+    @property
+    def gradient_release(self) -> bool:
+        """Whether parameters are stepped inside backward (hooks attached)."""
+        return self._release is not None
+
+    def remove_hooks(self) -> None:
+        """Detach the gradient-release hooks: from now on ``step()`` is the ordinary step."""
+        if self._release is not None:
+            self._release.remove()
+            self._release = None
+
+    def __del__(self):
+        release = self.__dict__.get("_release")
+        if release is not None:
+            release.remove()
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        if self._release is not None:
+            self._release.attach(self)
+
+    def _check_release_supported(self) -> None:
+        name = type(self).__name__
+        world = distributed_world_size()
+        engine = self.engine
+        if world > 1 or engine.sharded_params or engine.flat_partitions:
+            raise ValueError(refusal_of_distributed(name, world, None if world > 1 else
+                                                    engine.name))
+
+    def _release_param(self, p: torch.Tensor) -> None:
+        """The hook's work: step ``p`` alone through the step template, then free its grad."""
+        release = self._release
+        release.check_once(p, type(self).__name__)
+        index, group = release.positions[id(p)]
+        grad = p.grad
+        if grad.is_sparse:
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients; "
+                               "use dense gradients (e.g. nn.Embedding(sparse=False))")
+        with torch.no_grad():
+            grad = local_tensor(grad)
+            release.add_norm(grad)
+            self._release_one(index, group, p, grad)
+        release.released.add(id(p))
+        p.grad = None
+
+    def _release_one(self, index: int, group: dict, p: torch.Tensor, grad: torch.Tensor) -> None:
+        """Step one parameter inside backward (optimizers with ``GLOBAL_STEP`` override this and
+        finish in ``_step_work``)."""
+        self._release.skipped += self._step_work([(index, group, p, grad)])
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """``inspect.signature`` / ``help()`` / IDEs show the config's options as keywords."""
@@ -164,6 +225,8 @@ class CompressedOptimizer(torch.optim.Optimizer):
         saved_groups = state_dict["param_groups"]
         saved_state = state_dict["state"]
         super().load_state_dict(state_dict)
+        if self._release is not None:
+            self._release.attach(self)  # the hooks must read the new groups' lr
         id_map = dict(zip(chain.from_iterable(g["params"] for g in saved_groups),
                           chain.from_iterable(g["params"] for g in self.param_groups)))
         for key, incoming_state in saved_state.items():
@@ -183,13 +246,26 @@ class CompressedOptimizer(torch.optim.Optimizer):
     # -------------------------------------------------------------- the step template
     @torch.no_grad()
     def step(self, closure=None):
-        """Collect gradients, check them once, create state lazily, then :meth:`_update`."""
+        """Collect gradients, check them once, create state lazily, then :meth:`_update`.
+
+        With ``gradient_release`` most parameters were stepped in backward already (their grad
+        is None); this steps the rest and reports non-finite gradients of the whole step once."""
         loss = self._run_closure(closure)
         self._check_engine()
-        work = self._grad_work()
+        skipped = self._step_work(self._grad_work())
+        if self._release is not None:
+            released_skips, self.released_grad_norm = self._release.end_step()
+            skipped = released_skips + skipped
+            self._release.attach(self)  # load_state_dict replaces the group dicts
+        if skipped:
+            self._on_nonfinite(skipped)
+        return loss
+
+    def _step_work(self, work: list[tuple[int, dict, torch.Tensor, torch.Tensor]]) -> list[str]:
+        """The step of the parameters in ``work``; returns those skipped (non-finite)."""
         flags = self._finite_flags([w[3] for w in work], [w[2] for w in work])
         if self.GLOBAL_STEP and not self._accept_step(work, flags):
-            return loss
+            return []
         jobs, skipped = [], []
         for (index, group, p, grad), finite in zip(work, flags):
             state = self.state[p]
@@ -200,13 +276,21 @@ class CompressedOptimizer(torch.optim.Optimizer):
                 state["nonfinite_skips"] += 1
                 skipped.append(f"param {index} {tuple(p.shape)}")
                 continue
+            if self.config.per_param_max_grad_norm > 0:
+                self._clip_(p, grad, self.config.per_param_max_grad_norm)
             if fresh and not self.GLOBAL_STEP and self._is_template_step([(group, grad)]):
                 continue
             jobs.append(Job(index, group, p, grad, self._local_state(p, state), fresh))
         self._update(jobs)
-        if skipped:
-            self._on_nonfinite(skipped)
-        return loss
+        return skipped
+
+    def _clip_(self, p: torch.Tensor, grad: torch.Tensor, max_norm: float) -> None:
+        """``grad *= min(1, max_norm / (norm + 1e-6))`` (``clip_grad_norm_``'s rule, per
+        parameter; the norm of a sharded parameter is summed over its shards)."""
+        sq = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
+        if is_sharded(p) and dist.is_initialized():
+            dist.all_reduce(sq, group=self.engine.reduce_group)
+        grad.mul_(torch.clamp(max_norm / (sq.sqrt() + 1e-6), max=1.0))
 
     def _update(self, jobs: list[Job]) -> None:
         """The optimizer's math for this step's parameters (finite gradients, state created)."""

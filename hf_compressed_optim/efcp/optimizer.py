@@ -15,6 +15,13 @@ Per step (EFCP spec section 2), with ``c`` the new compressed row (of the whole 
 
 If *any* gradient is non-finite the whole step is skipped (the preconditioner is global):
 nothing enters the window or an error buffer.
+
+With ``gradient_release=True`` stage 1 runs per parameter inside backward (its gradient is then
+freed) and its inner products are kept per parameter; ``step()`` sums them in parameter order and
+runs stages 2-4, so the result is bitwise the ordinary step's. The one difference: a non-finite
+gradient is seen only when it arrives, so the parameters compressed before it in that backward
+keep the step's gradient in their error buffers although the step is skipped (the warning says
+so); their weights and the window count are untouched.
 """
 
 from __future__ import annotations
@@ -45,6 +52,10 @@ class EFCPOptimizer(CompressedOptimizer):
     }
     #: hyperparameters of the one global preconditioner: equal in every group
     GLOBAL_HPARAMS: tuple[str, ...] = ("window_size",)
+    #: gradient release: index -> (group, param, its inner products, zero gradient at lr 0)
+    _released_rows: dict | None = None
+    #: gradient release: parameters with a non-finite gradient in this backward
+    _released_nonfinite: list | None = None
 
     def _init_state(self, state: dict, p: torch.Tensor, group: dict, index: int = 0) -> None:
         W.init_param_state(state, p, group, group["window_size"],
@@ -123,20 +134,29 @@ class EFCPOptimizer(CompressedOptimizer):
 
     def _update_window(self, work, idle, astate, count: int, views: dict) -> None:
         gram = astate["gram"]
-        m = gram.shape[0]
-        slot = count % m
-        nrows = min(count + 1, m)
-        dev = gram.device
+        slot = count % gram.shape[0]
+        nrows = min(count + 1, gram.shape[0])
         # 1. error feedback + compression into the slot (the dense copies are dropped at once:
         # keeping them for the whole step would cost 4 bytes per parameter element)
-        dots = torch.zeros(nrows, dtype=torch.float64, device=dev)
+        dots = torch.zeros(nrows, dtype=torch.float64, device=gram.device)
         for index, group, p, grad in work:
-            state = views[id(p)]
-            c = W.compress_into_slot(state, grad, slot)
-            dots += W.slot_dots(state, slot, c, nrows).to(dev)
-            del c
+            dots += self._compress(views[id(p)], grad, slot, nrows, gram.device)
         for p in idle:
             W.clear_slot(views[id(p)], slot)
+        self._finish_window(work, astate, count, views, dots)
+
+    @staticmethod
+    def _compress(state: dict, grad: torch.Tensor, slot: int, nrows: int, dev) -> torch.Tensor:
+        """Stage 1 for one parameter: its slice of the new row; returns its inner products."""
+        c = W.compress_into_slot(state, grad, slot)
+        return W.slot_dots(state, slot, c, nrows).to(dev)
+
+    def _finish_window(self, work, astate, count: int, views: dict, dots: torch.Tensor) -> None:
+        """Stages 2-4 once every parameter's slice of the new row is in the window."""
+        gram = astate["gram"]
+        slot = count % gram.shape[0]
+        nrows = min(count + 1, gram.shape[0])
+        dev = gram.device
         # 2. G (wd theta) for the l2 mode
         l2 = torch.zeros(nrows, dtype=torch.float64, device=dev)
         for (index, group, p, grad) in work:
@@ -173,6 +193,71 @@ class EFCPOptimizer(CompressedOptimizer):
                 decay = 1.0 - wd
             self._apply(pl, u, lr, decay)
         astate["window_count"] += 1
+
+    # ------------------------------------------------------------------ gradient release
+    def _release_one(self, index: int, group: dict, p: torch.Tensor, grad: torch.Tensor) -> None:
+        """Stage 1 of one parameter inside backward; ``step()`` runs the rest."""
+        rows = self._released_rows = self._released_rows or {}
+        bad = self._released_nonfinite = self._released_nonfinite or []
+        if bad:  # the step is lost already: only free the gradient
+            return
+        if not self._finite_flags([grad])[0]:
+            bad.append(f"param {index} {tuple(p.shape)}")
+            return
+        self._check_global_hparams()
+        astate = self.state[self._anchor()]
+        if not W.has_global_state(astate):
+            W.init_global_state(astate, self.param_groups[0]["window_size"],
+                                local_tensor(p).device)
+        state = self.state[p]
+        if "step" not in state:
+            self._create_state(state, p, group, index)
+        if self.config.per_param_max_grad_norm > 0:
+            self._clip_(p, grad, self.config.per_param_max_grad_norm)
+        gram, count = astate["gram"], int(astate["window_count"])
+        zero = as_float(group["lr"]) == 0.0 and not bool(grad.any())
+        dots = self._compress(self._local_state(p, state), grad, count % gram.shape[0],
+                              min(count + 1, gram.shape[0]), gram.device)
+        rows[index] = (group, p, dots, zero)
+
+    def _step_work(self, work: list) -> list[str]:
+        if not self._released_rows and not self._released_nonfinite:
+            return super()._step_work(work)
+        for index, group, p, grad in work:  # gradients that did not arrive through backward
+            self._release_one(index, group, p, grad)
+        rows, bad = self._released_rows, self._released_nonfinite
+        self._released_rows, self._released_nonfinite = None, None
+        anchor = self._anchor()
+        astate = self.state[anchor]
+        if not W.has_global_state(astate):
+            W.init_global_state(astate, self.param_groups[0]["window_size"],
+                                local_tensor(anchor).device)
+        if bad:
+            astate["nonfinite_skips"] += 1
+            self._on_nonfinite([
+                f"all (global preconditioner; non-finite: {', '.join(bad[:4])}); with "
+                f"gradient_release the error buffers of the {len(rows)} parameter(s) compressed "
+                "earlier in this backward already hold this step's gradient"])
+            return []
+        count = int(astate["window_count"])
+        if count == 0 and all(zero for _, _, _, zero in rows.values()):
+            return []  # torch.distributed.checkpoint's state-materialising step
+        order = sorted(rows)
+        work = [(i, rows[i][0], rows[i][1], None) for i in order]
+        with_grad = {id(p) for _, _, p, _ in work}
+        idle = [p for g in self.param_groups for p in g["params"]
+                if id(p) not in with_grad and self.state.get(p) and "step" in self.state[p]]
+        views = {id(p): self._local_state(p, self.state[p]) for _, _, p, _ in work}
+        views.update({id(p): self._local_state(p, self.state[p]) for p in idle})
+        gram = astate["gram"]
+        dots = torch.zeros(min(count + 1, gram.shape[0]), dtype=torch.float64,
+                           device=gram.device)
+        for i in order:  # the ordinary step's summation order: bitwise the same row
+            dots += rows[i][2]
+        for p in idle:
+            W.clear_slot(views[id(p)], count % gram.shape[0])
+        self._finish_window(work, astate, count, views, dots)
+        return []
 
     @staticmethod
     def _apply(param: torch.Tensor, update: torch.Tensor, lr: float, decay: float) -> None:

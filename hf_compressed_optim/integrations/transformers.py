@@ -337,8 +337,10 @@ def register(names=None) -> list:
     members = register_into(enum_cls, handlers_dict, trainer_cls, names)
     _REGISTERED.update(m._value_ for m in members)
     from ..engines.zero import install_default_callback
+    from .release import install_release_callback
 
     install_default_callback()  # consolidates sharded state before Trainer checkpoints
+    install_release_callback()  # gradient release: Trainer argument checks, grad_norm
     return members
 
 
@@ -436,9 +438,11 @@ class CompressedTrainerMixin:
         super().__init__(*args, **kwargs)
         from ..engines.zero import ConsolidateOnSaveCallback
 
-        if not any(isinstance(cb, ConsolidateOnSaveCallback)
-                   for cb in self.callback_handler.callbacks):
-            self.add_callback(ConsolidateOnSaveCallback)
+        from .release import GradientReleaseCallback
+
+        for callback in (ConsolidateOnSaveCallback, GradientReleaseCallback):
+            if not any(isinstance(cb, callback) for cb in self.callback_handler.callbacks):
+                self.add_callback(callback)
         if self.memory_callback:
             from .callbacks import add_memory_callback
 

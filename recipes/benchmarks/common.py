@@ -181,10 +181,11 @@ def write_json(obj, path: str | None, indent: int = 1) -> None:
 CHILD_MARKER = "BENCH_CHILD_RESULT "
 
 
-def start_child(module: str, args: list[str], peers_path: str | None = None) -> subprocess.Popen:
+def start_child(module: str, args: list[str], peers_path: str | None = None,
+                extra_env: dict[str, str] | None = None) -> subprocess.Popen:
     """``python -m module args`` in a fresh process from the repository root (peak memory of
     one optimizer without the others' allocator caches); the peers on its import path."""
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env = dict(os.environ, PYTHONWARNINGS="ignore", **(extra_env or {}))
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("HF_DATASETS_OFFLINE", "1")
     if peers_path:
