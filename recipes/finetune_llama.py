@@ -52,14 +52,15 @@ class ModelDataArguments:
 
     model_name_or_path: str | None = field(default=None, metadata={
         "help": "local folder or hub id; default: build a small LLaMA from a LlamaConfig"})
-    hidden_size: int = 192
-    intermediate_size: int = 512
-    num_hidden_layers: int = 3
-    num_attention_heads: int = 6
+    hidden_size: int = field(default=192, metadata={"help": "model width (built model only)"})
+    intermediate_size: int = field(default=512, metadata={"help": "MLP width (built model only)"})
+    num_hidden_layers: int = field(default=3, metadata={"help": "layers (built model only)"})
+    num_attention_heads: int = field(default=6, metadata={
+        "help": "attention heads; must divide --hidden_size (built model only)"})
     lora: bool = field(default=False, metadata={
         "help": "train LoRA adapters on q/k/v/o projections (peft) instead of all weights"})
-    lora_r: int = 8
-    lora_alpha: int = 16
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank (with --lora)"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (with --lora)"})
     block_size: int = field(default=128, metadata={"help": "sequence length"})
     max_train_blocks: int | None = field(default=None, metadata={"help": "cap the training set"})
     max_eval_blocks: int = field(default=128, metadata={"help": "cap the eval set"})
@@ -77,11 +78,47 @@ TRAINING_DEFAULTS = dict(
     dataloader_num_workers=0, ddp_find_unused_parameters=False)
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[ModelDataArguments, TrainingArguments]:
-    """(model/data arguments, TrainingArguments) from the command line."""
+#: what --help says about the optimizers of this package (transformers' help names none of them)
+OPTIM_HELP = (
+    "the optimizer: this package's microadam (0.96 B/param of state), shampoo_4bit / "
+    "shampoo_32bit (4-bit / fp32 Shampoo grafted onto AdamW), efcp_mfac (alias efcp) / efcp_ggt "
+    "(sparse M-FAC / GGT), or any transformers name (adamw_torch, adamw_torch_fused, ...). All "
+    "take AdamW's --learning_rate and --weight_decay (README: 'Switching from AdamW')")
+OPTIM_ARGS_HELP = (
+    "key=value pairs, comma-separated, for the chosen optimizer (e.g. 'window_size=20,"
+    "density=0.02' for microadam; keys and ranges: README option tables); checked at start-up")
+
+
+def accelerator_available() -> bool:
+    """Whether torch sees a GPU or another accelerator (CUDA, ROCm, MPS, XPU)."""
+    accel = getattr(torch, "accelerator", None)
+    if accel is not None and hasattr(accel, "is_available"):
+        return bool(accel.is_available())
+    return torch.cuda.is_available()
+
+
+def build_parser() -> HfArgumentParser:
+    """The command line: model/data options and every TrainingArguments field, with this job's
+    defaults (``--use_cpu`` defaults to true on a machine without an accelerator, so ``--bf16``
+    and ``torchrun`` DDP run on CPU without it)."""
     parser = HfArgumentParser((ModelDataArguments, TrainingArguments),
                               description=__doc__.split("\n\n")[0])
-    parser.set_defaults(**TRAINING_DEFAULTS)
+    parser.set_defaults(**TRAINING_DEFAULTS, use_cpu=not accelerator_available())
+    for action in parser._actions:
+        if action.dest == "optim":
+            action.help = OPTIM_HELP + " (default: %(default)s)"
+        elif action.dest == "optim_args":
+            action.help = OPTIM_ARGS_HELP + " (default: %(default)s)"
+        elif action.dest == "use_cpu":
+            action.help = ("train on CPU even if an accelerator is present (default: true when "
+                           "none is: %(default)s); with torchrun it runs DDP over gloo")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ModelDataArguments, TrainingArguments]:
+    """(model/data arguments, TrainingArguments) from the command line; the optimizer options are
+    checked here, before any model or data work."""
+    parser = build_parser()
     ns = parser.parse_args(argv)
     # the Trainer writes every checkpoint, the final one (--save) too: it consolidates sharded
     # optimizer state (ZeRO-1, FSDP) on every rank before rank 0 saves

@@ -11,9 +11,25 @@ from hf_compressed_optim import optimizer_memory_report
 from hf_compressed_optim.efcp import lowrank as LR
 from hf_compressed_optim.efcp.window import layout_of
 from hf_compressed_optim.kernels.topk import absolute_indices
-from hf_compressed_optim import SparseGGT, SparseMFAC
+from hf_compressed_optim import SparseGGT as _SparseGGT, SparseMFAC as _SparseMFAC
 
 from _numerics import fit_losses, random_steps as _train, reloaded
+
+
+def _paper(cls, **paper):
+    """``cls`` with the papers' defaults (raw lr semantics, fp32 error buffer, their windows):
+    the reference formulas below are the papers'; the package's defaults are tested in
+    tests/test_drop_in.py."""
+    class Paper(cls):
+        def __init__(self, params, config=None, **options):
+            super().__init__(params, config, **({**paper, **options} if config is None else options))
+
+    Paper.__name__ = Paper.__qualname__ = cls.__name__
+    return Paper
+
+
+SparseMFAC = _paper(_SparseMFAC, lr_mode="raw", ef_bits=32, window_size=1024)
+SparseGGT = _paper(_SparseGGT, lr_mode="raw", ef_bits=32, window_size=100)
 
 
 # ------------------------------------------------------------------ float64 references

@@ -26,10 +26,13 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread", "fresh_accelerate_state
 ANCHOR_DTYPES = {"gram": torch.float64, "window_count": torch.int64}
 PARAM_DTYPES = {"step": torch.int64, "window_indices": torch.int16,
                 "window_values": torch.bfloat16, "ef": torch.float32}
-# lr ~ 0.1 for M-FAC (Newton-like steps), ~1 for GGT (AdaGrad-like) on this task
-MFAC = dict(optim="efcp_mfac", optim_args="window_size=8,density=0.05,damp=1e-4",
+# the papers' raw steps (lr_mode=raw) and fp32 error buffer: lr ~ 0.1 for M-FAC (Newton-like
+# steps), ~1 for GGT (AdaGrad-like) on this task; the defaults: tests/test_drop_in.py
+RAW = "lr_mode=raw,ef_bits=32"
+MFAC = dict(optim="efcp_mfac", optim_args=f"window_size=8,density=0.05,damp=1e-4,{RAW}",
             learning_rate=0.1)
-GGT = dict(optim="efcp_ggt", optim_args="window_size=8,density=0.05,eps=1e-4", learning_rate=1.0)
+GGT = dict(optim="efcp_ggt", optim_args=f"window_size=8,density=0.05,eps=1e-4,{RAW}",
+           learning_rate=1.0)
 
 
 def dtype_errors(optimizer, param_dtypes=PARAM_DTYPES) -> list[str]:
@@ -65,11 +68,10 @@ def test_names_are_registered_and_optim_args_errors_name_the_key(tmp_path):
     for bad, key in (("window_size=0", "window_size"), ("ef_bits=8", "ef_bits"),
                      ("damp=-1", "damp"), ("compressor=svd", "compressor"),
                      ("fix_scaling=maybe", "fix_scaling"), ("beta1=0.9", "beta1")):
-        trainer = Trainer(model=tiny_llama(), train_dataset=lm_dataset(8),
-                          args=training_args(tmp_path, optim="efcp_mfac", optim_args=bad,
-                                             max_steps=1))
-        with pytest.raises(ValueError, match=f"'{key}'"):
-            trainer.create_optimizer()
+        with pytest.raises(ValueError, match=f"'{key}'"):  # as TrainingArguments are created
+            Trainer(model=tiny_llama(), train_dataset=lm_dataset(8),
+                    args=training_args(tmp_path, optim="efcp_mfac", optim_args=bad,
+                                       max_steps=1)).create_optimizer()
 
 
 @pytest.mark.parametrize("cfg", [MFAC, GGT], ids=["mfac", "ggt"])
@@ -100,7 +102,7 @@ def test_lora_loss_falls_and_state(tmp_path):
     # LoRA's gradients are small, so M-FAC's Newton-like steps (~ m / |c|) are large: small lr
     trainer, opt, trainable = train_lora(tmp_path, 0.05, max_steps=40, **{
         **MFAC, "learning_rate": 0.03,
-        "optim_args": "window_size=8,density=0.2,damp=1e-2,ef_bits=4"})
+        "optim_args": "window_size=8,density=0.2,damp=1e-2,ef_bits=4,lr_mode=raw"})
     assert [len(g["params"]) for g in opt.param_groups] == [28, 0]
     assert set(opt.state) == set(trainable)
     assert dtype_errors(opt, {"step": torch.int64, "window_indices": torch.int16,
@@ -125,7 +127,8 @@ def test_resume_from_checkpoint_is_bitwise_exact(tmp_path, cfg):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_accelerate_prepare_after_state_exists(dtype):
     model = tiny_llama().to(dtype)
-    opt = hco.SparseMFAC(model.parameters(), lr=0.05, damp=1e-4, density=0.05, window_size=3)
+    opt = hco.SparseMFAC(model.parameters(), lr=0.05, damp=1e-4, density=0.05, window_size=3,
+                         ef_bits=32, lr_mode="raw")
     ids = torch.tensor(token_ids(8, 16))
     for _ in range(2):
         model(input_ids=ids, labels=ids).loss.backward()

@@ -401,15 +401,13 @@ def test_handler_warns_about_weight_decay_in_optim_args(tmp_path):
     ("foo=1", "foo"), ("density=x", "density"), ("beta2=1.5", "beta2"),
 ])
 def test_handler_errors_name_the_key(tmp_path, optim_args, key):
-    trainer = _trainer(tmp_path, optim="microadam", optim_args=optim_args)
-    with pytest.raises(ValueError, match=key):
-        trainer.create_optimizer()
+    with pytest.raises(ValueError, match=key):  # raised as TrainingArguments are created
+        _trainer(tmp_path, optim="microadam", optim_args=optim_args).create_optimizer()
 
 
 def test_handler_rejects_bad_learning_rate(tmp_path):
-    trainer = _trainer(tmp_path, optim="microadam", learning_rate=-1.0)
     with pytest.raises(ValueError, match="lr"):
-        trainer.create_optimizer()
+        _trainer(tmp_path, optim="microadam", learning_rate=-1.0).create_optimizer()
 
 
 # ---------------------------------------------------------------------- patch-free routes

@@ -461,7 +461,7 @@ def test_empty_groups_zero_numel_no_grad_and_template_step():
 # ---------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("kwargs,name", [
     ({"lr": -1}, "lr"), ({"precond_bits": 8}, "precond_bits"),
-    ({"stat_update_interval": 0}, "stat_update_interval"),
+    ({"stat_update_interval": -1}, "stat_update_interval"),  # 0: automatic
     ({"root_update_interval": 1.5}, "root_update_interval"), ({"stat_decay": 1.5}, "stat_decay"),
     ({"matrix_eps": 0.0}, "matrix_eps"), ({"max_order": 0}, "max_order"),
     ({"quant_block_size": 63}, "quant_block_size"), ({"min_quant_size": -1}, "min_quant_size"),

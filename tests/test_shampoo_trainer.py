@@ -119,6 +119,6 @@ def test_registered_names_and_bad_optim_args(tmp_path):
                            ("shampoo_4bit", "codebook=nf4", "codebook"),
                            ("shampoo_4bit", "first_order=adamw_2bit", "first_order"),
                            ("shampoo_32bit", "precond_bits=4", "precond_bits"),
-                           ("shampoo_4bit", "T1=0", "T1")):
+                           ("shampoo_4bit", "T1=-1", "T1")):  # 0: automatic
         with pytest.raises(ValueError, match=key):
             hco.optimizer_cls_and_kwargs(name, training_args(tmp_path, optim_args=bad))

@@ -12,6 +12,9 @@ from ..kernels.layout import DEFAULT_TOPK_BLOCK, MAX_INT16_BLOCK
 #: window rows on the second grid axis (at most 65535)
 MAX_WINDOW = 8192
 WD_MODES = ("decoupled_lr_scaled", "decoupled_unscaled", "l2")
+#: lr_mode="adam": every tensor's step direction is rescaled to this RMS before ``lr`` multiplies
+#: it, the typical RMS of an Adam update, so that AdamW's learning rate carries over
+ADAM_UPDATE_RMS = 0.5
 
 
 @dataclass(frozen=True)
@@ -23,8 +26,8 @@ class EFCPConfig(OptimizerConfig):
 
     lr: float = option(1e-3, "learning rate (float or one-element tensor)", lo=0.0,
                        tensor_ok=True)
-    window_size: int = option(1024, "compressed gradients in the ring (global)", lo=1,
-                              hi=MAX_WINDOW, aliases=("m",))
+    window_size: int = option(64, "compressed gradients in the ring (global; the paper: 1024, "
+                              "45 B/param)", lo=1, hi=MAX_WINDOW, aliases=("m",))
     density: float = option(0.01, "fraction of entries kept per top-k block", lo=0.0, hi=1.0,
                             lo_open=True, aliases=("k_init",))
     weight_decay: float = option(0.0, "applied as wd_mode says", lo=0.0)
@@ -32,7 +35,10 @@ class EFCPConfig(OptimizerConfig):
     compressor: str = option("topk", "block top-k, or PowerSGD low rank (tensors with >= 2 "
                              "dims; 1-D tensors stay dense)", choices=("topk", "lowrank"))
     rank: int = option(4, "rank of the low-rank compressor", lo=1, hi=1024)
-    ef_bits: int = option(32, "error buffer: 32 fp32, 16 bf16, 4 the 4-bit block quantizer",
+    lr_mode: str = option("adam", "adam: each tensor's step is rescaled to an Adam-like RMS "
+                          f"({ADAM_UPDATE_RMS}), so AdamW's lr carries over; raw: the papers' "
+                          "p -= lr u", choices=("adam", "raw"))
+    ef_bits: int = option(4, "error buffer: 32 fp32, 16 bf16, 4 the 4-bit block quantizer",
                           choices=(4, 16, 32))
     value_dtype: str = option("bf16", "window values (the rounding residual is fed back)",
                               choices=("bf16", "fp32"))
@@ -59,8 +65,8 @@ class SparseMFACConfig(EFCPConfig):
 
 @dataclass(frozen=True)
 class SparseGGTConfig(EFCPConfig):
-    window_size: int = option(100, "compressed gradients in the ring (global)", lo=1,
-                              hi=MAX_WINDOW, aliases=("m",))
+    window_size: int = option(64, "compressed gradients in the ring (global; the paper: 100)",
+                              lo=1, hi=MAX_WINDOW, aliases=("m",))
     eps: float = option(1e-5, "epsilon of (eps I + (G^T G)^(1/2))^-1; off the window's span "
                         "the step is lr/eps times the compressed gradient (global)", lo=0.0,
                         lo_open=True)

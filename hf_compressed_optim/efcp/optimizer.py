@@ -32,7 +32,7 @@ import torch.distributed as dist
 from ..core.optimizer import CompressedOptimizer, Job, as_float, local_tensor
 from ..engines.fsdp2 import is_sharded
 from . import window as W
-from .config import EFCPConfig
+from .config import ADAM_UPDATE_RMS, EFCPConfig
 
 
 class EFCPOptimizer(CompressedOptimizer):
@@ -169,23 +169,19 @@ class EFCPOptimizer(CompressedOptimizer):
         # 3. the m x m problem
         s, coeffs = self._coefficients(gram[:nrows, :nrows], slot, l2, count)
         # 4. per-parameter update
+        scales = self._adam_scales(work, views, coeffs, nrows, s)
         for index, group, p, grad in work:
             state = views[id(p)]
             state["step"] += 1
             pl = local_tensor(p)
             if pl.numel() == 0:
                 continue
-            u = torch.zeros(pl.numel(), dtype=torch.float32, device=pl.device)
-            W.combine(state, coeffs, nrows, u)
+            u = self._direction(state, group, pl, coeffs, nrows, s, update_momentum=True)
             lr = as_float(group["lr"])
             wd = as_float(group["weight_decay"])
             mode = group["wd_mode"]
-            if mode == "l2" and wd != 0.0:
-                u.add_(pl.reshape(-1).float(), alpha=s * wd)
-            if "momentum_buffer" in state:
-                buf = state["momentum_buffer"]
-                buf.mul_(group["momentum"]).add_(u)
-                u = buf
+            if group["lr_mode"] == "adam":
+                u = u * (scales[index] if scales is not None else self._rms_scale(u))
             decay = 1.0
             if wd != 0.0 and mode == "decoupled_lr_scaled":
                 decay = 1.0 - lr * wd
@@ -258,6 +254,52 @@ class EFCPOptimizer(CompressedOptimizer):
             W.clear_slot(views[id(p)], count % gram.shape[0])
         self._finish_window(work, astate, count, views, dots)
         return []
+
+    @staticmethod
+    def _direction(state: dict, group: dict, pl: torch.Tensor, coeffs: torch.Tensor, nrows: int,
+                   s: float, update_momentum: bool) -> torch.Tensor:
+        """The preconditioned direction ``u`` of one parameter (l2 term and momentum included);
+        ``update_momentum=False`` leaves the momentum buffer as it is."""
+        u = torch.zeros(pl.numel(), dtype=torch.float32, device=pl.device)
+        W.combine(state, coeffs, nrows, u)
+        wd = as_float(group["weight_decay"])
+        if group["wd_mode"] == "l2" and wd != 0.0:
+            u.add_(pl.reshape(-1).float(), alpha=s * wd)
+        if "momentum_buffer" in state:
+            buf = state["momentum_buffer"]
+            if not update_momentum:
+                return buf.mul(group["momentum"]).add_(u)
+            buf.mul_(group["momentum"]).add_(u)
+            u = buf
+        return u
+
+    @staticmethod
+    def _rms_scale(u: torch.Tensor) -> torch.Tensor:
+        """``ADAM_UPDATE_RMS / RMS(u)`` as a 0-d tensor (no host sync); 1 for a zero ``u``."""
+        rms = torch.linalg.vector_norm(u) / u.numel() ** 0.5
+        return torch.where(rms > 0, ADAM_UPDATE_RMS / rms, torch.ones_like(rms))
+
+    def _adam_scales(self, work, views, coeffs, nrows: int, s: float):
+        """FSDP2 (sharded parameters): each parameter's RMS over all its shards, in one
+        all-reduce of one number per parameter (a first pass over the window; nothing kept).
+        Otherwise None: the one pass rescales each parameter by its own RMS."""
+        if not self.engine.sharded_params or not any(g["lr_mode"] == "adam" for _, g, _, _ in work):
+            return None
+        total = sum(len(g["params"]) for g in self.param_groups)
+        dev = self.state[self._anchor()]["gram"].device
+        sumsq = torch.zeros(total, dtype=torch.float64, device=dev)
+        for index, group, p, grad in work:
+            pl = local_tensor(p)
+            if group["lr_mode"] == "adam" and pl.numel():
+                u = self._direction(views[id(p)], group, pl, coeffs, nrows, s,
+                                    update_momentum=False)
+                sumsq[index] = u.double().square().sum().to(dev)
+                del u
+        sumsq = self._all_reduce(sumsq)
+        numel = torch.tensor([p.numel() for g in self.param_groups for p in g["params"]],
+                             dtype=torch.float64, device=dev)
+        rms = torch.sqrt(sumsq / numel)
+        return torch.where(rms > 0, ADAM_UPDATE_RMS / rms, torch.ones_like(rms)).float().tolist()
 
     @staticmethod
     def _apply(param: torch.Tensor, update: torch.Tensor, lr: float, decay: float) -> None:

@@ -41,6 +41,8 @@ __all__ = [
 
 #: marks our dispatch wrapper of ``Trainer.get_optimizer_cls_and_kwargs`` (transformers < 5.2)
 WRAPPER_MARK = "_hf_compressed_optim_dispatch"
+#: marks our check of ``optim_args`` in ``TrainingArguments.__post_init__``
+ARGS_CHECK_MARK = "_hf_compressed_optim_args_check"
 
 PATCH_FREE_HINT = (
     "Use the patch-free route instead: "
@@ -127,6 +129,23 @@ def sharded_if_distributed(cls):
     return sharded(cls)
 
 
+def run_length(args) -> dict[str, int]:
+    """``{"total_steps": max_steps}`` when the run's length is known (``max_steps > 0``): the
+    optimizers that schedule work by step (Shampoo's automatic T1 / T2) fit it into the run."""
+    steps = getattr(args, "max_steps", -1)
+    return {"total_steps": int(steps)} if isinstance(steps, int) and steps > 0 else {}
+
+
+def _config_kwargs(name: str, ctx) -> tuple[dict[str, Any], dict[str, Any], bool]:
+    """(constructor kwargs, the parsed optim_args, shard_state) of a registered name, checked."""
+    config = OPTIMIZERS[name].Config
+    adam = {k: v for k, v in dict(ctx.adam_kwargs).items() if k in config.TRAINER_ADAM_ARGS}
+    optim_args, shard = pop_shard_state(ctx.optim_args)
+    kwargs = config.trainer_kwargs(name, optim_args, {**dict(ctx.optimizer_kwargs), **adam,
+                                                      **run_length(ctx.args)})
+    return kwargs, optim_args, shard
+
+
 def config_handler(name: str) -> Handler:
     """The handler of a registered name: Trainer's ``lr`` and the Adam arguments the optimizer's
     ``Config`` takes (``TRAINER_ADAM_ARGS``), then the typed ``optim_args`` on top
@@ -134,10 +153,7 @@ def config_handler(name: str) -> Handler:
     cls = OPTIMIZERS[name]
 
     def handler(ctx) -> tuple[type, dict[str, Any]]:
-        config = cls.Config
-        adam = {k: v for k, v in dict(ctx.adam_kwargs).items() if k in config.TRAINER_ADAM_ARGS}
-        optim_args, shard = pop_shard_state(ctx.optim_args)
-        kwargs = config.trainer_kwargs(name, optim_args, {**dict(ctx.optimizer_kwargs), **adam})
+        kwargs, optim_args, shard = _config_kwargs(name, ctx)
         if optim_args and "weight_decay" in optim_args:
             warnings.warn(
                 f"optim_args weight_decay for {name!r} only sets the default of "
@@ -148,7 +164,35 @@ def config_handler(name: str) -> Handler:
         return (sharded_if_distributed(cls) if shard else cls), kwargs
 
     handler.__name__ = handler.__qualname__ = f"_get_{name}"
+    handler._hco_default = True
     return handler
+
+
+def check_training_args(args) -> None:
+    """``ValueError`` now, naming the key, if ``args.optim`` is one of our names and
+    ``args.optim_args`` (or lr, betas) is not valid for it: run when ``TrainingArguments`` is
+    created, before any model or data work (the Trainer builds the optimizer only in
+    ``train()``). Names with a custom handler are left to it."""
+    name = optim_name(getattr(args, "optim", ""))
+    if name in OPTIMIZERS and getattr(HANDLERS.get(name), "_hco_default", False):
+        _config_kwargs(name, make_context(args))
+
+
+def install_args_check(args_cls) -> bool:
+    """Make ``args_cls.__post_init__`` (``TrainingArguments``; subclasses such as TRL's configs
+    call it) run :func:`check_training_args` (once). Returns True if it was installed now."""
+    original = args_cls.__dict__.get("__post_init__")
+    if original is None or getattr(original, ARGS_CHECK_MARK, False):
+        return False
+
+    @functools.wraps(original)
+    def __post_init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        check_training_args(self)
+
+    setattr(__post_init__, ARGS_CHECK_MARK, True)
+    type.__setattr__(args_cls, "__post_init__", __post_init__)
+    return True
 
 
 _LOCK = threading.RLock()
@@ -336,6 +380,7 @@ def register(names=None) -> list:
                                     + PATCH_FREE_HINT) from err
     members = register_into(enum_cls, handlers_dict, trainer_cls, names)
     _REGISTERED.update(m._value_ for m in members)
+    install_args_check(training_args.TrainingArguments)  # optim_args checked at creation
     from ..engines.zero import install_default_callback
     from .release import install_release_callback
 

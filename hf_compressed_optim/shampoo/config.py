@@ -34,11 +34,15 @@ class ShampooConfig(OptimizerConfig):
     nesterov: bool = option(False, "SGD's Nesterov momentum")
     precond_bits: int = option(4, "4: 4-bit eigenvectors and roots; 32: the fp32 baseline",
                                choices=(4, 32))
-    stat_update_interval: int = option(100, "T1, steps between statistics updates", lo=1,
-                                       aliases=("T1",))
-    root_update_interval: int = option(500, "T2, steps between inverse-root refreshes (the "
-                                       "preconditioner is the identity before the first)", lo=1,
+    stat_update_interval: int = option(0, "T1, steps between statistics updates; 0: automatic "
+                                       "(T2 / 5, at most 100)", lo=0, aliases=("T1",))
+    root_update_interval: int = option(0, "T2, steps between inverse-root refreshes; 0: automatic "
+                                       "(total_steps / 10, at most 500; roots also refreshed at "
+                                       "every statistics update before T2)", lo=0,
                                        aliases=("T2",))
+    total_steps: int = option(0, "the run's length in steps (Trainer: max_steps), which sizes the "
+                              "automatic T1 / T2; 0: unknown (T1 = 100, T2 = 500)", lo=0,
+                              group=False)
     stat_decay: float = option(0.95, "beta of the statistics EMA; 1 accumulates", lo=0.0, hi=1.0)
     matrix_eps: float = option(1e-6, "relative ridge: eps * max eigenvalue", lo=0.0, hi=1.0,
                                lo_open=True)

@@ -44,6 +44,10 @@ from .matrix_functions import (
 )
 
 GRAFT_GUARD = 1e-12
+#: automatic intervals (T1 = T2 = 0): the paper's T1 = 100, T2 = 500 for long or unknown runs;
+#: a run of ``total_steps`` gets T2 = total_steps / 10 and T1 = T2 / 5 when that is shorter
+AUTO_T1, AUTO_T2 = 100, 500
+AUTO_T2_PER_RUN, AUTO_T1_PER_T2 = 10, 5
 #: Checkpoints written before ``state["codebook"]`` existed end ``state["layout"]`` with an index
 #: into this order; frozen, so reordering or extending ``CODEBOOKS`` cannot change their meaning.
 LEGACY_CODEBOOKS = ("linear2", "dynamic_tree")
@@ -173,15 +177,32 @@ class Shampoo(CompressedOptimizer):
             jobs.append(_Job(job.index, job.group, pl, job.grad, state, t, layout, cb, block))
         shampoo_jobs = [j for j in jobs if j.layout is not None]
         if shampoo_jobs:
-            self._update_statistics([j for j in shampoo_jobs
-                                     if j.t % j.group["stat_update_interval"] == 0])
-            self._update_roots([j for j in shampoo_jobs
-                                if j.t % j.group["root_update_interval"] == 0])
-            self._precondition([j for j in shampoo_jobs
-                                if j.t >= j.group["start_step"]
-                                and j.t >= j.group["root_update_interval"]])
+            plans = [(j, *self.schedule(j.group, j.t)) for j in shampoo_jobs]
+            self._update_statistics([j for j, stats, _, _ in plans if stats])
+            self._update_roots([j for j, _, roots, _ in plans if roots])
+            self._precondition([j for j, _, _, pre in plans if pre])
         for job in jobs:
             self._first_order_update(job)
+
+    def intervals(self, group: dict) -> tuple[int, int, bool]:
+        """``(T1, T2, early)``: the group's intervals, automatic ones (0) resolved from
+        ``total_steps``; ``early``: T2 is automatic, so roots are also refreshed at every
+        statistics update before step T2 (preconditioning starts at step T1, not T2)."""
+        total = self.config.total_steps
+        t2 = group["root_update_interval"]
+        early = t2 == 0
+        if early:
+            t2 = min(AUTO_T2, max(1, total // AUTO_T2_PER_RUN)) if total else AUTO_T2
+        t1 = group["stat_update_interval"] or min(AUTO_T1, max(1, t2 // AUTO_T1_PER_T2))
+        return t1, t2, early
+
+    def schedule(self, group: dict, t: int) -> tuple[bool, bool, bool]:
+        """Whether step ``t`` updates the statistics, refreshes the roots, preconditions."""
+        t1, t2, early = self.intervals(group)
+        stats = t % t1 == 0
+        roots = t % t2 == 0 or (early and stats and t < t2)
+        first_root = min(t1, t2) if early else t2
+        return stats, roots, t >= max(group["start_step"], first_root)
 
     # ------------------------------------------------------------------ failures
     def _record_failures(self, owners: list[_Job], ok: torch.Tensor, what: str,

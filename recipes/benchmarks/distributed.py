@@ -36,8 +36,8 @@ OPTIMIZERS = {
                                            root_update_interval=2),
     "shampoo_32bit": lambda ps: hco.Shampoo(ps, lr=1e-3, precond_bits=32,
                                             stat_update_interval=1, root_update_interval=2),
-    "efcp_mfac": lambda ps: hco.SparseMFAC(ps, lr=1e-3, window_size=64),
-    "efcp_ggt": lambda ps: hco.SparseGGT(ps, lr=1e-3, window_size=64),
+    "efcp_mfac": lambda ps: hco.SparseMFAC(ps, lr=1e-3, window_size=64, ef_bits=32),
+    "efcp_ggt": lambda ps: hco.SparseGGT(ps, lr=1e-3, window_size=64, ef_bits=32),
 }
 
 MODES = ("ddp", "ddp_sharded", "fsdp2")

@@ -59,7 +59,7 @@ def make_optimizer(name, params, density):
                               ef_bits=32 if exact else 4, value_dtype="fp32" if exact else "bf16")
     if name == "efcp_ggt":
         return hco.SparseGGT(params, lr=1e-2, window_size=4, density=density, weight_decay=0.1,
-                             topk_block_size=64)
+                             topk_block_size=64, ef_bits=32)  # fp32 buffer: exact at density 1
     if name == "adamw":  # the control: torch's own optimizer on the same path
         return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
     raise ValueError(name)
