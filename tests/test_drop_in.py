@@ -10,10 +10,12 @@ import torch
 
 import hf_compressed_optim as hco
 from hf_compressed_optim.efcp.config import ADAM_UPDATE_RMS
-from recipes.benchmarks import lr_transfer
+from _hf_utils import load_recipe
 
 transformers = pytest.importorskip("transformers")
 from transformers import HfArgumentParser, TrainingArguments  # noqa: E402
+
+lr_transfer = load_recipe("benchmarks.lr_transfer")
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
