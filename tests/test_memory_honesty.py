@@ -30,6 +30,12 @@ _WALKER = textwrap.dedent('''
                                                root_update_interval=2),
         "shampoo_32bit": lambda ps: hco.Shampoo32bit(ps, lr=1e-3, stat_update_interval=2,
                                                      root_update_interval=2),
+        "shampoo_4bit_adamw_8bit": lambda ps: hco.Shampoo(ps, lr=1e-3, stat_update_interval=2,
+                                                          root_update_interval=2,
+                                                          first_order="adamw_8bit"),
+        "shampoo_4bit_adamw_4bit": lambda ps: hco.Shampoo(ps, lr=1e-3, stat_update_interval=2,
+                                                          root_update_interval=2,
+                                                          first_order="adamw_4bit"),
     }
     result = {}
     for name in sys.argv[1:]:
@@ -53,7 +59,7 @@ _WALKER = textwrap.dedent('''
 
 def test_no_hidden_tensors_outlive_step_for_any_optimizer():
     names = ["microadam", "microadam_wd_alpha", "efcp_mfac", "efcp_ggt_ef4", "efcp_mfac_lowrank",
-             "shampoo_4bit", "shampoo_32bit"]
+             "shampoo_4bit", "shampoo_32bit", "shampoo_4bit_adamw_8bit", "shampoo_4bit_adamw_4bit"]
     out = subprocess.run([sys.executable, "-c", _WALKER, *names], capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
