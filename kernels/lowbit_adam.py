@@ -3,7 +3,7 @@
 
 Storage, per moment of a flat tensor of ``n`` elements cut into blocks of ``block`` elements:
 one fp32 absmax per block and one code per element (8-bit: a byte each; 4-bit: two per byte,
-element ``2i`` in the low nibble, as :mod:`.codebook` packs them). A code indexes an ascending
+element ``2i`` in the low nibble, packed by :mod:`.codebook`'s helpers). A code indexes an ascending
 map of values in [-1, 1]; the element is ``map[code] * absmax``.
 
 * first moment ``m``: the signed dynamic-tree map (:func:`.codebook.dynamic_tree_values`), which
@@ -30,7 +30,7 @@ import functools
 import torch
 
 from ._triton import FLOAT_DTYPES, LAUNCH, arg, flat, jit, load_f32, on_device, store_f32, tl
-from .codebook import dynamic_tree_values
+from .codebook import dynamic_tree_values, pack_nibbles, unpack_nibbles
 
 #: bits -> elements per absmax block (both moments)
 BLOCK = {8: 256, 4: 128}
@@ -97,19 +97,11 @@ def state_shapes(numel: int, bits: int) -> dict[str, tuple[int]]:
 # ---- PyTorch twins ------------------------------------------------------------------------------
 def _unpack(codes: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """int64 codes of ``count`` elements from their storage."""
-    if bits == 8:
-        return codes.long()
-    return torch.stack(((codes & 0xF), (codes >> 4)), dim=1).view(-1)[:count].long()
+    return codes.long() if bits == 8 else unpack_nibbles(codes, count)
 
 
 def _pack(idx: torch.Tensor, bits: int, out: torch.Tensor) -> None:
-    if bits == 8:
-        out.copy_(idx)
-        return
-    q = idx.to(torch.uint8)
-    if q.numel() % 2:
-        q = torch.nn.functional.pad(q, (0, 1))
-    torch.bitwise_or(q[0::2], q[1::2] << 4, out=out)
+    out.copy_(idx if bits == 8 else pack_nibbles(idx))
 
 
 def dequantize_moment(codes: torch.Tensor, absmax: torch.Tensor, values: torch.Tensor, bits: int,
