@@ -84,6 +84,37 @@ def adam_coefficients(step: int, beta1: float, beta2: float) -> tuple[float, flo
     return (1.0 - beta1) / (1.0 - beta1 ** step), (1.0 - beta2) / (1.0 - beta2 ** step)
 
 
+def _block_major(rows: torch.Tensor, layout: TopKLayout) -> torch.Tensor:
+    """Flat copy of window-shaped ``rows`` ([nrows, k]) ordered by top-k block, then row.
+
+    Each block's entries then sit together, so the scattered reads and writes they drive stay
+    inside one block of the parameter (cache-resident) instead of sweeping the whole tensor once
+    per row; within a block the rows keep their order, so per-position sums are unchanged.
+    """
+    nf, kf = layout.num_full, layout.k_full
+    head = rows[:, : nf * kf].unflatten(1, (nf, kf)).transpose(0, 1).reshape(-1)
+    return torch.cat((head, rows[:, nf * kf:].reshape(-1))) if layout.k_tail else head
+
+
+def _distinct_positions(pos: torch.Tensor, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(distinct values of ``pos``, for each entry the index of its value among them).
+
+    What ``torch.unique(pos, return_inverse=True)`` gives, in first-seen order instead of sorted
+    (the callers only need a consistent slot per position), without unique's sort: every
+    position elects one of its entries through a scratch map over the parameter's positions
+    (any entry may win a write race; all of that position's entries then read the same winner).
+    The scratch lives only during the call.
+    """
+    entries = torch.arange(pos.numel(), dtype=torch.int32, device=pos.device)
+    owner = torch.empty(numel, dtype=torch.int32, device=pos.device)
+    owner.scatter_(0, pos, entries)  # scatter_ beats index_copy_ on CPU
+    winner = owner.index_select(0, pos)
+    del owner
+    first = winner == entries
+    compact = first.cumsum(0).sub_(1)
+    return pos.masked_select(first), compact.index_select(0, winner.long())
+
+
 def window_adam_update(param: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor,
                        layout: TopKLayout, step: int, beta1: float, beta2: float, eps: float,
                        lr: float, weight_decay: float, sr_seed: int | None = None,
@@ -107,13 +138,13 @@ def window_adam_update(param: torch.Tensor, idx: torch.Tensor, vals: torch.Tenso
     nrows = max(0, min(window, int(step)))  # rows >= step were never written (weight 0)
     w1 = window_weights(window, step, beta1, param.device)[:nrows, None]
     w2 = window_weights(window, step, beta2, param.device)[:nrows, None]
-    pos, slot = torch.unique(absolute_indices(idx[:nrows], layout).reshape(-1),
-                             return_inverse=True)
     v = vals[:nrows].float()
+    pos, slot = _distinct_positions(_block_major(absolute_indices(idx[:nrows], layout), layout),
+                                    n)
     m_acc = torch.zeros(pos.numel(), dtype=torch.float32, device=param.device)
     v_acc = torch.zeros_like(m_acc)
-    m_acc.index_add_(0, slot.view(-1), (w1 * v).view(-1))
-    v_acc.index_add_(0, slot.view(-1), (w2 * v.square()).view(-1))
+    m_acc.index_add_(0, slot, _block_major(w1 * v, layout))
+    v_acc.index_add_(0, slot, _block_major(w2 * v.square(), layout))
     c1, c2 = adam_coefficients(step, beta1, beta2)
     upd = m_acc.mul_(c1).div_(v_acc.mul_(c2).sqrt_().add_(eps))
     flat = param.view(-1) if param.is_contiguous() else param.reshape(-1).clone()
@@ -126,11 +157,11 @@ def window_adam_update(param: torch.Tensor, idx: torch.Tensor, vals: torch.Tenso
         if dense is not None:
             new.sub_(upd, alpha=lr)
         else:
-            new.index_copy_(0, pos, torch.index_select(new, 0, pos).sub_(upd, alpha=lr))
+            new.scatter_(0, pos, torch.index_select(new, 0, pos).sub_(upd, alpha=lr))
         flat.copy_(_round_to(param, new, sr_seed))
     else:
         new = torch.index_select(flat, 0, pos).float().sub_(upd, alpha=lr)
-        flat.index_copy_(0, pos, _round_to(param, new, sr_seed, pos))
+        flat.scatter_(0, pos, _round_to(param, new, sr_seed, pos))
     if flat.data_ptr() != param.data_ptr():
         param.copy_(flat.view(param.shape))
 
