@@ -86,7 +86,7 @@ def sparse_rows_combine(idx: torch.Tensor, vals: torch.Tensor, layout: TopKLayou
     for r0, r1 in _row_chunks(m, layout.k):
         pos = absolute_indices(idx[r0:r1], layout).view(-1)
         contrib = torch.mul(vals[r0:r1].float(), c[r0:r1, None]).view(-1)  # never in place
-        flat_out.index_add_(0, pos, contrib)
+        flat_out.scatter_add_(0, pos, contrib)  # entry order as index_add_, about 2x faster
 
 
 @jit

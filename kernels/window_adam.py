@@ -84,18 +84,6 @@ def adam_coefficients(step: int, beta1: float, beta2: float) -> tuple[float, flo
     return (1.0 - beta1) / (1.0 - beta1 ** step), (1.0 - beta2) / (1.0 - beta2 ** step)
 
 
-def _block_major(rows: torch.Tensor, layout: TopKLayout) -> torch.Tensor:
-    """Flat copy of window-shaped ``rows`` ([nrows, k]) ordered by top-k block, then row.
-
-    Each block's entries then sit together, so the scattered reads and writes they drive stay
-    inside one block of the parameter (cache-resident) instead of sweeping the whole tensor once
-    per row; within a block the rows keep their order, so per-position sums are unchanged.
-    """
-    nf, kf = layout.num_full, layout.k_full
-    head = rows[:, : nf * kf].unflatten(1, (nf, kf)).transpose(0, 1).reshape(-1)
-    return torch.cat((head, rows[:, nf * kf:].reshape(-1))) if layout.k_tail else head
-
-
 def _distinct_positions(pos: torch.Tensor, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(distinct values of ``pos``, for each entry the index of its value among them).
 
@@ -139,12 +127,12 @@ def window_adam_update(param: torch.Tensor, idx: torch.Tensor, vals: torch.Tenso
     w1 = window_weights(window, step, beta1, param.device)[:nrows, None]
     w2 = window_weights(window, step, beta2, param.device)[:nrows, None]
     v = vals[:nrows].float()
-    pos, slot = _distinct_positions(_block_major(absolute_indices(idx[:nrows], layout), layout),
-                                    n)
+    pos, slot = _distinct_positions(absolute_indices(idx[:nrows], layout).view(-1), n)
     m_acc = torch.zeros(pos.numel(), dtype=torch.float32, device=param.device)
     v_acc = torch.zeros_like(m_acc)
-    m_acc.index_add_(0, slot, _block_major(w1 * v, layout))
-    v_acc.index_add_(0, slot, _block_major(w2 * v.square(), layout))
+    # scatter_add_ sums in entry order as index_add_ does (rows in ring order), about 2x faster
+    m_acc.scatter_add_(0, slot, (w1 * v).view(-1))
+    v_acc.scatter_add_(0, slot, (w2 * v.square()).view(-1))
     c1, c2 = adam_coefficients(step, beta1, beta2)
     upd = m_acc.mul_(c1).div_(v_acc.mul_(c2).sqrt_().add_(eps))
     flat = param.view(-1) if param.is_contiguous() else param.reshape(-1).clone()
