@@ -98,9 +98,10 @@ def backend_for(tensor: torch.Tensor, op: str = "kernels") -> str:
 
 
 def quantize4(x: torch.Tensor, bucket: int, codes: torch.Tensor, mins: torch.Tensor,
-              maxs: torch.Tensor) -> None:
-    """4-bit block quantization of flat ``x`` into ``codes``/``mins``/``maxs`` (:mod:`.quant4`)."""
-    return _impl("quantize4", x)(x, bucket, codes, mins, maxs)
+              maxs: torch.Tensor, overwrite: bool = False) -> None:
+    """4-bit block quantization of flat ``x`` into ``codes``/``mins``/``maxs`` (:mod:`.quant4`);
+    ``overwrite=True``: ``x`` is scratch the call may use as its workspace."""
+    return _impl("quantize4", x)(x, bucket, codes, mins, maxs, overwrite)
 
 
 def dequantize4(codes: torch.Tensor, mins: torch.Tensor, maxs: torch.Tensor, numel: int,

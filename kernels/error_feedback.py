@@ -29,7 +29,7 @@ def _select_and_requantize(acc: torch.Tensor, codes: torch.Tensor, mins: torch.T
     idx_out.copy_(idx)
     val_out.copy_(getattr(topk, "gather_block_values" + sfx)(acc, idx, layout))
     getattr(topk, "scatter_block_values" + sfx)(acc, idx, 0.0, layout)
-    getattr(quant4, "quantize4" + sfx)(acc, bucket, codes, mins, maxs)
+    getattr(quant4, "quantize4" + sfx)(acc, bucket, codes, mins, maxs, overwrite=True)
 
 
 def error_feedback_compress(grad: torch.Tensor, codes: torch.Tensor, mins: torch.Tensor,

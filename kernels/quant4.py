@@ -20,21 +20,24 @@ def quant_scale(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
 
 
 def quantize4(x: torch.Tensor, bucket: int, codes: torch.Tensor, mins: torch.Tensor,
-              maxs: torch.Tensor) -> None:
+              maxs: torch.Tensor, overwrite: bool = False) -> None:
     """Quantize flat ``x`` into ``codes`` (uint8 [ceil(n/2)]), ``mins``/``maxs`` (bf16 [ceil(n/bucket)]).
 
     min and max are rounded to the nearest value of the stats' dtype (bf16: round to nearest
     even), as the reference stores them: re-quantizing dequantized values is then a fixed point
     (no drift). An element up to half a bf16 ulp outside the rounded range gets code 0 or 15
     (clamped). code = floor((x - min) / step + 0.5) clamped to [0, 15]; a constant bucket has
-    step 0 and gets code 0 (no 0/0).
+    step 0 and gets code 0 (no 0/0). ``overwrite=True`` lets the twin use a contiguous fp32 ``x``
+    as its workspace (the callers pass scratch they discard; saves a full-size temporary).
     """
     n = x.numel()
     if n == 0:
         return
-    x = x.reshape(-1)
-    if x.dtype != torch.float32:
-        x = x.float()
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        x = x.reshape(-1).float().contiguous()  # a private copy: free to overwrite
+    elif not overwrite:
+        x = x.reshape(-1).clone()
+    x = x.view(-1)
     nf = n // bucket
     lo = torch.empty(mins.numel(), dtype=torch.float32, device=x.device)
     hi = torch.empty_like(lo)
@@ -49,18 +52,20 @@ def quantize4(x: torch.Tensor, bucket: int, codes: torch.Tensor, mins: torch.Ten
     lo32 = mins.float()
     scale = quant_scale(mins, maxs)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # constant bucket: x - lo == 0
-    q8 = torch.empty(n + (n & 1), dtype=torch.uint8, device=x.device)
-    if n & 1:
-        q8[-1] = 0
     for start, rows, width in ((0, nf, bucket), (nf * bucket, 1 if nf * bucket < n else 0,
                                                    n - nf * bucket)):
         if rows == 0:
             continue
         b0 = start // bucket
-        t = x[start:start + rows * width].view(rows, width) - lo32[b0:b0 + rows, None]
-        t.div_(safe[b0:b0 + rows, None]).add_(0.5).floor_().clamp_(0, 15)
-        q8[start:start + rows * width] = t.view(-1)
-    torch.bitwise_or(q8[0::2] << 4, q8[1::2], out=codes)
+        t = x[start:start + rows * width].view(rows, width)
+        t.sub_(lo32[b0:b0 + rows, None]).div_(safe[b0:b0 + rows, None]).add_(0.5).floor_()
+        t.clamp_(0, 15)
+    # pack in float (exact: integers below 256): byte i = 16 * code[2i] + code[2i + 1]
+    high = x[0::2]
+    high[: n // 2].mul_(16).add_(x[1::2])
+    if n & 1:
+        high[-1:].mul_(16)
+    codes.copy_(high)
 
 
 def dequantize4(codes: torch.Tensor, mins: torch.Tensor, maxs: torch.Tensor, numel: int,
@@ -69,11 +74,11 @@ def dequantize4(codes: torch.Tensor, mins: torch.Tensor, maxs: torch.Tensor, num
     if numel == 0:
         return torch.zeros(0, dtype=torch.float32, device=codes.device)
     nbq = mins.numel()
-    c = torch.stack((codes >> 4, codes & 0xF), dim=1).view(-1)
     out = torch.empty(nbq * bucket, dtype=torch.float32, device=codes.device)
-    out[:numel] = c[:numel]
-    if nbq * bucket > numel:
-        out[numel:] = 0
+    pairs = 2 * codes.numel()  # <= nbq * bucket: bucket is even
+    out[0:pairs:2] = codes >> 4
+    out[1:pairs:2] = codes & 0xF
+    out[numel:] = 0
     ov = out.view(nbq, bucket)
     ov.mul_(quant_scale(mins, maxs)[:, None]).add_(mins.float()[:, None])
     return out[:numel]
@@ -166,7 +171,7 @@ def _dequantize4_kernel(codes_ptr, mins_ptr, maxs_ptr, add_ptr, out_ptr, n, buck
 
 @on_device
 def quantize4_triton(x: torch.Tensor, bucket: int, codes: torch.Tensor, mins: torch.Tensor,
-                     maxs: torch.Tensor) -> None:
+                     maxs: torch.Tensor, overwrite: bool = False) -> None:
     """Triton twin of :func:`quantize4`: one program per group of buckets."""
     n = x.numel()
     if n == 0:

@@ -115,9 +115,10 @@ def load_error(state: dict, numel: int) -> torch.Tensor:
 
 
 def store_error(state: dict, residual: torch.Tensor) -> None:
+    """Store ``residual`` (fp32 flat scratch, consumed) as the new error buffer."""
     if "ef_codes" in state:
         K.quantize4(residual, state["quant_block"], state["ef_codes"], state["ef_min"],
-                    state["ef_max"])
+                    state["ef_max"], overwrite=True)
     else:
         state["ef"].copy_(residual)
 

@@ -115,4 +115,4 @@ class MicroAdam(CompressedOptimizer):
                              sr_seed, dense)
         if error is not None:
             K.quantize4(error.mul_(1.0 - alpha), state["quant_block"], st["ef_codes"],
-                        st["ef_min"], st["ef_max"])
+                        st["ef_min"], st["ef_max"], overwrite=True)
