@@ -22,8 +22,8 @@ MAX_TOPK_TILE = 1 << 16
 
 
 # ---- PyTorch twins ------------------------------------------------------------------------------
-#: sub-chunks per row of the candidate filter of :func:`_select_rows` (strided, see there)
-_FILTER_STRIDE = 4
+#: elements per sub-chunk of the candidate filter of :func:`_select_rows` (strided, see there)
+_FILTER_STRIDE = 8
 _LEVEL_BINS = 2048  # histogram bins of the filter: |x| bits >> 20 (exponent + 3 mantissa bits)
 
 

@@ -8,6 +8,14 @@ warm-up steps. ``--baseline`` is the root of the other checkout (e.g. made with
 (``kernels/`` mapped as ``hf_compressed_optim.kernels``, as the install does).
 
     python -m recipes.benchmarks.step_ab --baseline /tmp/base --rounds 3
+
+``--ratios`` instead times every optimizer against torch AdamW(foreach) in ONE process per
+checkout, rounds interleaved (each round: a block of steps of each optimizer in turn), and
+reports the median over rounds of each optimizer's step time as a ratio to AdamW's, by wall
+clock and by the process's CPU time (which other jobs on the machine disturb less); with
+``--baseline`` the baseline checkout's process runs too, alternating with the candidate's:
+
+    python -m recipes.benchmarks.step_ab --ratios --baseline /tmp/base --rounds 7
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ class _CheckoutFinder:
             fullname, os.path.join(where, "__init__.py"), submodule_search_locations=[where])
 
 
-def child(name: str, root: str) -> float:
+def _factories(root: str) -> dict:
     sys.meta_path.insert(0, _CheckoutFinder(root))
     import torch
 
@@ -55,15 +63,25 @@ def child(name: str, root: str) -> float:
     assert hco.__file__.startswith(root) and layout.__file__.startswith(root)
 
     torch.set_num_threads(1)
-    make = {"adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
+    return {"adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
             "microadam": lambda ps: hco.MicroAdam(ps, lr=1e-3),
             "efcp_mfac": lambda ps: hco.SparseMFAC(ps, lr=1e-4, window_size=32, damp=1e-2),
-            "efcp_ggt": lambda ps: hco.SparseGGT(ps, lr=1e-4, window_size=32, eps=1e-3)}[name]
-    g = torch.Generator().manual_seed(0)
+            "efcp_ggt": lambda ps: hco.SparseGGT(ps, lr=1e-4, window_size=32, eps=1e-3)}
+
+
+def _model(seed: int = 0) -> list:
+    """Four 2048 x 1024 matrices (8.4M parameters) with gradients."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
     params = [torch.nn.Parameter(torch.randn(2048, 1024, generator=g) * 0.02) for _ in range(4)]
     for p in params:
         p.grad = torch.randn(p.shape, generator=g) * 1e-3
-    opt = make(params)
+    return params
+
+
+def child(name: str, root: str) -> float:
+    opt = _factories(root)[name](_model())
     for _ in range(12):
         opt.step()
     times = []
@@ -72,6 +90,51 @@ def child(name: str, root: str) -> float:
         opt.step()
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e3
+
+
+def child_ratios(root: str, names: list[str], rounds: int, block: int) -> dict:
+    """Median over interleaved rounds of each optimizer's mean step time (wall and CPU), ms."""
+    factories = _factories(root)
+    opts = {n: factories[n](_model()) for n in names}
+    for opt in opts.values():  # warm-up: windows filled, allocator settled
+        for _ in range(12):
+            opt.step()
+    wall: dict = {n: [] for n in names}
+    cpu: dict = {n: [] for n in names}
+    for _ in range(rounds):
+        for n, opt in opts.items():
+            w0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(block):
+                opt.step()
+            wall[n].append((time.perf_counter() - w0) / block * 1e3)
+            cpu[n].append((time.process_time() - c0) / block * 1e3)
+    return {n: dict(wall_ms=statistics.median(wall[n]), cpu_ms=statistics.median(cpu[n]),
+                    wall_rounds=wall[n], cpu_rounds=cpu[n]) for n in names}
+
+
+def run_ratios(root: str, names: list[str], rounds: int, block: int) -> dict:
+    out = subprocess.run([sys.executable, "-m", "recipes.benchmarks.step_ab", "--child-ratios",
+                          ",".join(names), "--root", root, "--rounds", str(rounds),
+                          "--block", str(block)], cwd=REPO, capture_output=True, text=True,
+                         timeout=3600, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def ratios(args) -> dict:
+    names = ["adamw"] + [n for n in args.optimizers if n != "adamw"]
+    roots = [("candidate", args.candidate)] + ([("baseline", args.baseline)]
+                                               if args.baseline else [])
+    res = {which: run_ratios(os.path.abspath(root), names, args.rounds, args.block)
+           for which, root in roots}
+    for which, r in res.items():
+        base = r["adamw"]
+        for n in names:
+            r[n]["ratio_wall"] = r[n]["wall_ms"] / base["wall_ms"]
+            r[n]["ratio_cpu"] = r[n]["cpu_ms"] / base["cpu_ms"]
+            print(f"{which:9s} {n:10s} wall {r[n]['wall_ms']:7.1f} ms ({r[n]['ratio_wall']:.2f}x)"
+                  f"  cpu {r[n]['cpu_ms']:7.1f} ms ({r[n]['ratio_cpu']:.2f}x)")
+    print(json.dumps(res))
+    return res
 
 
 def run(root: str, name: str) -> float:
@@ -88,12 +151,22 @@ def main(argv=None) -> dict:
     ap.add_argument("--candidate", default=REPO, help="root of the checkout under test")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--optimizers", nargs="*", default=list(OPTIMIZERS), choices=OPTIMIZERS)
+    ap.add_argument("--ratios", action="store_true",
+                    help="every optimizer against AdamW in one process, rounds interleaved")
+    ap.add_argument("--block", type=int, default=3, help="steps per optimizer per round (--ratios)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--child-ratios", help=argparse.SUPPRESS)
     ap.add_argument("--root", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         print(child(args.child, args.root), flush=True)
         return {}
+    if args.child_ratios:
+        print(json.dumps(child_ratios(args.root, args.child_ratios.split(","), args.rounds,
+                                      args.block)), flush=True)
+        return {}
+    if args.ratios:
+        return ratios(args)
     if not args.baseline:
         ap.error("--baseline is required")
     ms: dict = {n: {"baseline": [], "candidate": []} for n in args.optimizers}
