@@ -181,7 +181,9 @@ class EFCPOptimizer(CompressedOptimizer):
             wd = as_float(group["weight_decay"])
             mode = group["wd_mode"]
             if group["lr_mode"] == "adam":
-                u = u * (scales[index] if scales is not None else self._rms_scale(u))
+                scale = scales[index] if scales is not None else self._rms_scale(u)
+                # u is fresh unless it is the momentum buffer, which must not be rescaled
+                u = u * scale if "momentum_buffer" in state else u.mul_(scale)
             decay = 1.0
             if wd != 0.0 and mode == "decoupled_lr_scaled":
                 decay = 1.0 - lr * wd

@@ -146,8 +146,13 @@ def compress_into_slot(state: dict, grad: torch.Tensor, slot: int) -> torch.Tens
         state["window_values"][slot].copy_(K.gather_block_values(acc, idx, layout))
         c = torch.zeros_like(acc)
         if layout.k:
-            K.scatter_block_values(c, idx, state["window_values"][slot].float(), layout)
-    store_error(state, acc.sub_(c))
+            kept = state["window_values"][slot].float()
+            K.scatter_block_values(c, idx, kept, layout)
+            # a - c touches only the kept entries (a - 0 == a elsewhere, bit for bit), so
+            # subtract there instead of in a dense pass: x + (-y) is exactly x - y
+            K.scatter_block_values(acc, idx, K.gather_block_values(acc, idx, layout).sub_(kept),
+                                   layout)
+    store_error(state, acc)
     return c
 
 
