@@ -139,6 +139,7 @@ def compress_into_slot(state: dict, grad: torch.Tensor, slot: int) -> torch.Tens
         state["window_right"][slot].copy_(q)
         c = state["window_left"][slot].float() @ state["window_right"][slot].float().T
         c = c.reshape(-1)
+        acc.sub_(c)
     else:
         layout = layout_of(state, n)
         idx = K.block_topk(acc, layout)
@@ -148,8 +149,8 @@ def compress_into_slot(state: dict, grad: torch.Tensor, slot: int) -> torch.Tens
         if layout.k:
             kept = state["window_values"][slot].float()
             K.scatter_block_values(c, idx, kept, layout)
-            # a - c touches only the kept entries (a - 0 == a elsewhere, bit for bit), so
-            # subtract there instead of in a dense pass: x + (-y) is exactly x - y
+            # a - c changes only the kept entries (a - 0 == a elsewhere, bit for bit): subtract
+            # there (gather, subtract, scatter) instead of in a dense pass
             K.scatter_block_values(acc, idx, K.gather_block_values(acc, idx, layout).sub_(kept),
                                    layout)
     store_error(state, acc)
