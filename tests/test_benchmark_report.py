@@ -145,3 +145,13 @@ def test_step_ab_child_times_one_checkout():
     step_ab = load_recipe("benchmarks.step_ab")
     ms = step_ab.run(str(RECIPES.parent), "adamw")
     assert 0 < ms < 60_000
+
+
+def test_step_ab_ratios_against_adamw_with_kernel_breakdown():
+    step_ab = load_recipe("benchmarks.step_ab")
+    res = step_ab.run_ratios(str(RECIPES.parent), ["adamw", "microadam"], rounds=1, block=1)
+    assert set(res) == {"adamw", "microadam"}
+    assert all(r["cpu_ms"] > 0 and r["wall_ms"] > 0 for r in res.values())
+    # the kernel twins MicroAdam calls are timed; AdamW calls none of them
+    assert {"block_topk", "window_adam_update", "quantize4"} <= set(res["microadam"]["ops_cpu_ms"])
+    assert res["adamw"]["ops_cpu_ms"] == {}

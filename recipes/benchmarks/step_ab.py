@@ -92,9 +92,38 @@ def child(name: str, root: str) -> float:
     return statistics.median(times) * 1e3
 
 
+#: kernel ops whose CPU time ``--ratios`` also reports per step (module, function)
+BREAKDOWN_OPS = (("quant4", "dequantize4"), ("quant4", "quantize4"), ("topk", "block_topk"),
+                 ("topk", "gather_block_values"), ("topk", "scatter_block_values"),
+                 ("window_adam", "window_adam_update"), ("sparse_rows", "sparse_rows_dot"),
+                 ("sparse_rows", "sparse_rows_combine"))
+
+
+def _time_ops(spent: dict) -> None:
+    """Wrap the kernel twins so that the CPU seconds spent in each add up in ``spent`` (the
+    dispatcher and the composed twins look them up per call, so the wrappers see every call)."""
+    import importlib
+
+    for mod_name, fn in BREAKDOWN_OPS:
+        mod = importlib.import_module(f"hf_compressed_optim.kernels.{mod_name}")
+        inner = getattr(mod, fn)
+
+        def timed(*a, _inner=inner, _fn=fn, **kw):
+            t0 = time.process_time()
+            try:
+                return _inner(*a, **kw)
+            finally:
+                spent[_fn] = spent.get(_fn, 0.0) + time.process_time() - t0
+        setattr(mod, fn, timed)
+
+
 def child_ratios(root: str, names: list[str], rounds: int, block: int) -> dict:
-    """Median over interleaved rounds of each optimizer's mean step time (wall and CPU), ms."""
+    """Median over interleaved rounds of each optimizer's mean step time (wall and CPU), ms,
+    and the CPU ms per step spent in each kernel twin (nested calls count in both)."""
     factories = _factories(root)
+    spent: dict = {}
+    _time_ops(spent)
+    ops: dict = {n: {} for n in names}
     opts = {n: factories[n](_model()) for n in names}
     for opt in opts.values():  # warm-up: windows filled, allocator settled
         for _ in range(12):
@@ -103,13 +132,18 @@ def child_ratios(root: str, names: list[str], rounds: int, block: int) -> dict:
     cpu: dict = {n: [] for n in names}
     for _ in range(rounds):
         for n, opt in opts.items():
+            spent.clear()
             w0, c0 = time.perf_counter(), time.process_time()
             for _ in range(block):
                 opt.step()
             wall[n].append((time.perf_counter() - w0) / block * 1e3)
             cpu[n].append((time.process_time() - c0) / block * 1e3)
+            for fn, sec in spent.items():
+                ops[n].setdefault(fn, []).append(sec / block * 1e3)
     return {n: dict(wall_ms=statistics.median(wall[n]), cpu_ms=statistics.median(cpu[n]),
-                    wall_rounds=wall[n], cpu_rounds=cpu[n]) for n in names}
+                    wall_rounds=wall[n], cpu_rounds=cpu[n],
+                    ops_cpu_ms={fn: statistics.median(v) for fn, v in ops[n].items()})
+            for n in names}
 
 
 def run_ratios(root: str, names: list[str], rounds: int, block: int) -> dict:
@@ -132,7 +166,8 @@ def ratios(args) -> dict:
             r[n]["ratio_wall"] = r[n]["wall_ms"] / base["wall_ms"]
             r[n]["ratio_cpu"] = r[n]["cpu_ms"] / base["cpu_ms"]
             print(f"{which:9s} {n:10s} wall {r[n]['wall_ms']:7.1f} ms ({r[n]['ratio_wall']:.2f}x)"
-                  f"  cpu {r[n]['cpu_ms']:7.1f} ms ({r[n]['ratio_cpu']:.2f}x)")
+                  f"  cpu {r[n]['cpu_ms']:7.1f} ms ({r[n]['ratio_cpu']:.2f}x)  "
+                  + ", ".join(f"{fn} {ms:.1f}" for fn, ms in r[n]["ops_cpu_ms"].items()))
     print(json.dumps(res))
     return res
 
