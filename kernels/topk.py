@@ -24,7 +24,8 @@ MAX_TOPK_TILE = 1 << 16
 # ---- PyTorch twins ------------------------------------------------------------------------------
 #: elements per sub-chunk of the candidate filter of :func:`_select_rows` (strided, see there)
 _FILTER_STRIDE = 8
-_LEVEL_BINS = 2048  # histogram bins of the filter: |x| bits >> 20 (exponent + 3 mantissa bits)
+_LEVEL_BINS = 1024  # histogram bins of the filter, each 2**_LEVEL_SHIFT float ulps wide
+_LEVEL_SHIFT = 16
 
 
 def _select_rows_topk(mag: torch.Tensor, k: int) -> torch.Tensor:
@@ -58,9 +59,9 @@ def _select_rows(x: torch.Tensor, k: int) -> torch.Tensor:
     selection (the same rule) runs on those alone. Filter: cut each row into S strided sub-chunks
     (element j belongs to sub-chunk j mod S) and take each sub-chunk's max |x| (two strided
     reductions, no full-size temporary). A per-row histogram of those maxima (by float bits,
-    which order like the values) gives the highest threshold t with at least k sub-chunk maxima
-    >= t, hence at least k elements >= t: every selected element is >= t, so the candidates are
-    the elements of the sub-chunks whose max is >= t. Gathered in (stride, sub-chunk) order they
+    which order like the values) gives a threshold t with at least k sub-chunk maxima above it,
+    hence at least k elements above it: every selected element is above t, so the candidates are
+    the elements of the sub-chunks whose max is above t. Gathered in (stride, sub-chunk) order they
     keep ascending index order, so ties resolve exactly as on the whole row.
     """
     rows, n = x.shape
@@ -74,11 +75,17 @@ def _select_rows(x: torch.Tensor, k: int) -> torch.Tensor:
     xv = x.view(rows, stride, subs)
     peak = torch.maximum(xv.amax(1), xv.amin(1).neg_()).float()  # [rows, subs] max |x|
     bits = peak.view(torch.int32) & 0x7FFFFFFF  # NaN ranks above inf, as in torch.topk
+    # histogram of the maxima by distance below the row's largest, in bins of 2**16 float ulps
+    # (1/128 octave); the last bin takes everything further down
     nb = _LEVEL_BINS
-    key = (bits >> 20).add_(torch.arange(0, rows * nb, nb, dtype=torch.int32, device=dev)[:, None])
-    below = torch.bincount(key.view(-1), minlength=rows * nb).view(rows, nb).cumsum_(1)
-    level = (below <= subs - k).sum(1, dtype=torch.int32)  # highest bin with >= k maxima above
-    keep = bits >= (level << 20)[:, None]
+    top = bits.amax(1, keepdim=True)
+    key = torch.sub(top, bits).bitwise_right_shift_(_LEVEL_SHIFT).clamp_(max=nb - 1)
+    key.add_(torch.arange(0, rows * nb, nb, dtype=torch.int32, device=dev)[:, None])
+    upto = torch.bincount(key.view(-1), minlength=rows * nb).view(rows, nb).cumsum_(1)
+    level = (upto < k).sum(1, keepdim=True, dtype=torch.int32)  # first bin reaching k maxima
+    # keep the sub-chunks in bins <= level (at least k of them); the last bin keeps them all
+    floor = torch.where(level < nb - 1, top - ((level + 1) << _LEVEL_SHIFT), -1)
+    keep = bits > floor
     count = keep.sum(1)
     width = max(int(count.max()), -(-(k + 1) // stride))
     r, col = keep.nonzero(as_tuple=True)
