@@ -85,20 +85,34 @@ def _select_rows(x: torch.Tensor, k: int) -> torch.Tensor:
     level = (upto < k).sum(1, keepdim=True, dtype=torch.int32)  # first bin reaching k maxima
     # keep the sub-chunks in bins <= level (at least k of them); the last bin keeps them all
     floor = torch.where(level < nb - 1, top - ((level + 1) << _LEVEL_SHIFT), -1)
-    keep = bits > floor
-    count = keep.sum(1)
-    width = max(int(count.max()), -(-(k + 1) // stride))
-    r, col = keep.nonzero(as_tuple=True)
-    # slot of each kept sub-chunk in its row's padded list: r * width + rank within the row
-    slot = torch.arange(r.numel(), device=dev).sub_((count.cumsum(0) - count).index_select(0, r))
-    slot.add_(r * width)
+    r, col, slot, width = _pack(bits > floor, -(-(k + 1) // stride))
     cols = torch.zeros(rows * width, dtype=torch.int64, device=dev).index_copy_(0, slot, col)
     pos = (cols.view(rows, 1, width) + torch.arange(0, n, subs, device=dev)[None, :, None])
     pos = pos.view(rows, -1)
-    cand = x.gather(1, pos).abs_().view(rows, stride, width)
-    filler = torch.ones(rows * width, dtype=torch.bool, device=dev).index_fill_(0, slot, False)
-    cand.masked_fill_(filler.view(rows, 1, width), -1.0)  # padding: below every |x|
-    return pos.masked_select(_select_rows_topk(cand.view(rows, -1), k)).view(rows, k)
+    cand = x.gather(1, pos).abs_()
+    # second pass, per element: only elements above the same threshold can be selected
+    above = cand.float().view(torch.int32) > floor
+    above.view(rows, stride, width).mul_(torch.zeros(rows * width, dtype=torch.bool, device=dev)
+                                         .index_fill_(0, slot, True).view(rows, 1, width))
+    r, col, slot, width = _pack(above, k + 1)
+    src = col.add_(r * cand.shape[1])
+    mags = torch.full((rows * width,), -1.0, dtype=cand.dtype, device=dev)  # -1: never selected
+    mags.index_copy_(0, slot, cand.view(-1).index_select(0, src))
+    where = torch.zeros(rows * width, dtype=torch.int64, device=dev)
+    where.index_copy_(0, slot, pos.view(-1).index_select(0, src))
+    keep = _select_rows_topk(mags.view(rows, width), k)
+    return where.view(rows, width).masked_select(keep).view(rows, k)
+
+
+def _pack(keep: torch.Tensor, min_width: int) -> tuple[torch.Tensor, ...]:
+    """The kept columns of each row of bool ``keep``, left-aligned in rows of a common width:
+    (row, column, flat slot ``row * width + rank in the row``, width >= ``min_width``)."""
+    count = keep.sum(1)
+    width = max(int(count.max()), min_width)
+    r, col = keep.nonzero(as_tuple=True)
+    slot = torch.arange(r.numel(), device=keep.device)
+    slot.sub_((count.cumsum(0) - count).index_select(0, r)).add_(r * width)
+    return r, col, slot, width
 
 
 def block_topk(x: torch.Tensor, layout: TopKLayout) -> torch.Tensor:
