@@ -69,8 +69,8 @@ def sparse_rows_dot(idx: torch.Tensor, vals: torch.Tensor, layout: TopKLayout, x
     xf = x.reshape(-1)
     for r0, r1 in _row_chunks(m, k):
         pos = absolute_indices(idx[r0:r1], layout).view(-1)
-        prod = torch.mul(torch.index_select(xf, 0, pos).view(r1 - r0, k).double(),
-                         vals[r0:r1].double())
+        prod = torch.index_select(xf, 0, pos).view(r1 - r0, k).double()
+        prod.mul_(vals[r0:r1])  # promoted to fp64 inside the op: the same exact products
         torch.sum(prod, dim=1, out=out[r0:r1])
     return out
 
@@ -85,7 +85,7 @@ def sparse_rows_combine(idx: torch.Tensor, vals: torch.Tensor, layout: TopKLayou
     c = coeffs[:m].to(device=out.device, dtype=torch.float32)
     for r0, r1 in _row_chunks(m, layout.k):
         pos = absolute_indices(idx[r0:r1], layout).view(-1)
-        contrib = torch.mul(vals[r0:r1].float(), c[r0:r1, None]).view(-1)  # never in place
+        contrib = torch.mul(vals[r0:r1], c[r0:r1, None]).view(-1)  # fp32 products, new tensor
         flat_out.scatter_add_(0, pos, contrib)  # entry order as index_add_, about 2x faster
 
 
