@@ -25,8 +25,11 @@ def test_throughput_tiny_end_to_end(tmp_path, capsys):
     assert tiny["runs"]["microadam"][0]["optimizer_class"] == "MicroAdam"
     summary = tiny["summary"]
     assert summary["adamw_torch"]["ratio_to_adamw"] == 1.0
-    assert summary["microadam"]["ratio_to_adamw"] > 0
+    assert summary["adamw_torch"]["ratio_to_adamw_median"] == 1.0
+    assert summary["microadam"]["ratio_to_adamw"] > 0 and summary["microadam"]["ratio_to_adamw_cpu"] > 0
+    assert len(tiny["runs"]["microadam"][0]["step_cpu_seconds"]) == 1
     text = capsys.readouterr().out
-    assert "| optimizer | samples/s | vs AdamW | peak RSS |" in text and "`microadam`" in text
+    assert "| optimizer | samples/s | vs AdamW | peak RSS | samples/s, median round |" in text
+    assert "`microadam`" in text
     again = bench.main(["--from-json", str(out)])
     assert again["models"]["tiny"]["summary"] == summary
