@@ -32,12 +32,15 @@ job's length instead (``optim_args="total_steps=300"``: statistics every T1 = 6 
 roots every T2 = 30 and at every statistics update before step 30).
 
 Threads: ``--threads`` per process, default all cores (``os.cpu_count()``), as a Trainer run uses
-them; one process runs at a time. Peak memory: the resident-set high-water mark (``VmHWM``) reset
+them; one process runs at a time. On a machine shared with other jobs use ``--threads 1`` and
+compare the CPU-time column (BENCHMARKS.md: with two threads on two busy cores a step can take
+10-30x longer at random). Peak memory: the resident-set high-water mark (``VmHWM``) reset
 just before ``train()`` (see :mod:`recipes.benchmarks.process_memory`).
 
 Examples::
 
     python -m recipes.benchmarks.throughput                       # both models, 3 rounds
+    nice -n -10 python -m recipes.benchmarks.throughput --threads 1   # BENCHMARKS.md, 2026-12-07
     python -m recipes.benchmarks.throughput --model main --rounds 1 --optimizers adamw_torch microadam
     python -m recipes.benchmarks.throughput --from-json recipes/results/throughput_2026-12-07.json
 """
