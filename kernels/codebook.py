@@ -223,10 +223,13 @@ def dequantize_rows(codes: torch.Tensor, absmax: torch.Tensor, cols: int, name: 
     """Inverse of :func:`quantize_rows` (up to the quantization error).
 
     Runs every step of 4-bit Shampoo (the inverse roots), so it takes two passes: one gather of
-    both values of every byte from a 256-entry table, one in-place scaling by the absmax."""
+    both values of every byte from a 256-entry table (each entry's two fp32 values moved as one
+    8-byte word: a plain copy of their bits, about twice as fast as gathering rows of two), one
+    in-place scaling by the absmax."""
     _check_block(block)
     lead, pc = codes.shape[:-1], codes.shape[-1]
-    out = torch.index_select(byte_pairs(name, codes.device), 0, codes.reshape(-1).int())
+    pairs = byte_pairs(name, codes.device).view(torch.int64).view(256)
+    out = torch.index_select(pairs, 0, codes.reshape(-1).int()).view(torch.float32)
     out = out.view(*lead, 2 * pc)[..., :cols]
     nblk, nfull = absmax.shape[-1], cols // block
     if nfull:

@@ -44,6 +44,19 @@ from .matrix_functions import (
 )
 
 GRAFT_GUARD = 1e-12
+#: On CPU, equal-size factors are processed in sub-batches of at most this many bytes per
+#: (B, n, n) fp32 stack: CPU BLAS/LAPACK loop over a batch anyway, and larger temporaries come
+#: from freshly mapped memory at every step (a page fault per 4 KiB on first touch), while
+#: smaller ones are reused from the heap. One batch on other devices.
+CPU_STACK_BYTES = 8 << 20
+
+
+def sub_batches(idx: list[int], n: int, device: torch.device) -> list[list[int]]:
+    """``idx`` cut into the sub-batches described at :data:`CPU_STACK_BYTES`."""
+    if device.type != "cpu":
+        return [idx]
+    per = max(1, CPU_STACK_BYTES // (4 * n * n))
+    return [idx[i:i + per] for i in range(0, len(idx), per)]
 #: automatic intervals (T1 = T2 = 0): the paper's T1 = 100, T2 = 500 for long or unknown runs;
 #: a run of ``total_steps`` gets T2 = total_steps / 10 and T1 = T2 / 5 when that is shorter
 AUTO_T1, AUTO_T2 = 100, 500
@@ -239,18 +252,20 @@ class Shampoo(CompressedOptimizer):
                 factor_work.append((j, blk.right, g.mT))
         keys = [(f.quantized, f.order, j.group["stat_decay"], j.codebook, j.qblock,
                  j.group["rectify_iters"][0]) for j, f, _ in factor_work]
-        for (quantized, n, beta, cb, block, t1), idx in group_indices(keys).items():
-            owners = [factor_work[i][0] for i in idx]
-            factors = [factor_work[i][1] for i in idx]
-            # the outer products, each written straight into its slot of the stack (symmetric:
-            # only the lower block triangle is multiplied)
-            outer = torch.empty((len(idx), n, n), dtype=torch.float32, device=owners[0].grad.device)
-            for k, i in enumerate(idx):
-                g = factor_work[i][2]
-                sym_product(g, g.mT, out=outer[k])
-            if quantized:
-                self._refresh_eigen(owners, factors, outer, n, beta, cb, block, t1)
-            else:
+        for (quantized, n, beta, cb, block, t1), group in group_indices(keys).items():
+            device = factor_work[group[0]][0].grad.device
+            for idx in sub_batches(group, n, device) if quantized else [group]:
+                owners = [factor_work[i][0] for i in idx]
+                factors = [factor_work[i][1] for i in idx]
+                # the outer products, each written straight into its slot of the stack
+                # (symmetric: only the lower block triangle is multiplied)
+                outer = torch.empty((len(idx), n, n), dtype=torch.float32, device=device)
+                for k, i in enumerate(idx):
+                    g = factor_work[i][2]
+                    sym_product(g, g.mT, out=outer[k])
+                if quantized:
+                    self._refresh_eigen(owners, factors, outer, n, beta, cb, block, t1)
+                    continue
                 stats = [f.slice(j.state["stat_fp32"], 0).view(n, n)
                          for j, f in zip(owners, factors)]
                 old = torch.stack(stats)
@@ -298,7 +313,10 @@ class Shampoo(CompressedOptimizer):
             owners = [work[i][0] for i in idx]
             factors = [work[i][1] for i in idx]
             if quantized:
-                self._refresh_quantized_root(owners, factors, n, eps, mode, cb, block, rect)
+                for sub in sub_batches(list(range(len(idx))), n, owners[0].grad.device):
+                    self._refresh_quantized_root([owners[k] for k in sub],
+                                                 [factors[k] for k in sub],
+                                                 n, eps, mode, cb, block, rect)
                 continue
             stats = torch.stack([f.slice(j.state["stat_fp32"], 0).view(n, n)
                                  for j, f in zip(owners, factors)])
@@ -366,13 +384,17 @@ class Shampoo(CompressedOptimizer):
                                       device=j.grad.device)
         keys = [(g.shape, b.left.quantized, b.right.quantized, j.codebook, j.qblock)
                 for j, b, g in entries]
-        for idx in group_indices(keys).values():
-            left = self._root_stack([(entries[i][0], entries[i][1].left) for i in idx])
-            right = self._root_stack([(entries[i][0], entries[i][1].right) for i in idx])
-            for k, i in enumerate(idx):
-                j, b, g = entries[i]
-                torch.mm(torch.mm(left[k], g), right[k],
-                         out=j.direction[b.rows[0]:b.rows[1], b.cols[0]:b.cols[1]])
+        for group in group_indices(keys).values():
+            b0 = entries[group[0]][1]
+            quantized = b0.left if b0.left.quantized else b0.right
+            for idx in (sub_batches(group, quantized.order, jobs[0].grad.device)
+                        if quantized.quantized else [group]):
+                left = self._root_stack([(entries[i][0], entries[i][1].left) for i in idx])
+                right = self._root_stack([(entries[i][0], entries[i][1].right) for i in idx])
+                for k, i in enumerate(idx):
+                    j, b, g = entries[i]
+                    torch.mm(torch.mm(left[k], g), right[k],
+                             out=j.direction[b.rows[0]:b.rows[1], b.cols[0]:b.cols[1]])
         norms = torch.stack([torch.stack((torch.linalg.vector_norm(j.grad.float()),
                                           torch.linalg.vector_norm(j.direction))) for j in jobs])
         scales = norms[:, 0] / (norms[:, 1] + GRAFT_GUARD)
