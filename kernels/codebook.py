@@ -201,17 +201,6 @@ def _quantize_rows(x: torch.Tensor, name: str, block: int, zero_diag: bool
     return codes, absmax
 
 
-def _quantize_rows_reference(x: torch.Tensor, name: str, block: int
-                             ) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_block(block)
-    cols = x.shape[-1]
-    _, mids = codebook_and_midpoints(name, x.device)
-    xn, absmax = _normalised(x, block)
-    idx = nearest_code(xn, mids).flatten(-2)
-    idx = idx[..., :2 * packed_cols(cols)]
-    return pack_nibbles(idx), absmax
-
-
 def byte_pairs(name: str, device=None) -> torch.Tensor:
     """fp32 (256, 2): the two code values (low nibble, high nibble) each byte decodes to."""
     values, _ = codebook_and_midpoints(name, device)
