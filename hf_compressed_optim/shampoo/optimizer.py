@@ -20,9 +20,13 @@ Every step from ``start_step`` on: ``Ĝ = L̂ G R̂`` per block, rescaled to ``�
 tensor (grafting), then fed to AdamW (decoupled weight decay) or SGD with momentum (coupled weight
 decay, optional Nesterov). Rank ≤ 1 parameters get the first-order update on the raw gradient.
 
-Equal-size factors of *all* parameters are stacked and processed by one batched call each (outer
-products, Björck, QR, roots, quantization, preconditioning matmuls); the persistent state stays
-per parameter in ``self.state[p]`` as plain tensors.
+Equal-size factors of *all* parameters are stacked and processed by one batched call each
+(Björck, QR, roots, quantization, dequantization of the roots; on CPU in sub-batches of at most
+``CPU_STACK_BYTES`` per stack); the outer products and the preconditioning matmuls run per block,
+written straight into their stack or into the merged direction. Symmetric products (``V Vᵀ``,
+``Uᵀ diag(λ) U``, ``G Gᵀ``) multiply only their lower block triangle
+(:func:`~.matrix_functions.sym_product`). The persistent state stays per parameter in
+``self.state[p]`` as plain tensors; every temporary is freed by the end of ``step()``.
 """
 
 from __future__ import annotations
