@@ -105,6 +105,39 @@ def test_bjorck_reduces_orthogonality_error_monotonically():
     assert torch.allclose(got.sort().values, (1.5 * s - 0.5 * s ** 3).sort().values)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_symmetric_products_match_full_products(dtype):
+    """sym_product / compose / bjorck multiply only the lower block triangle (plus one fused
+    GEMM): exactly symmetric, equal to the plain products up to rounding; the QR refresh (padded
+    for orders that are multiples of 512) equals the plain QR up to rounding."""
+    from hf_compressed_optim.shampoo.matrix_functions import qr_subspace_refresh, sym_product
+    g = torch.Generator().manual_seed(0)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for n in (50, 300):
+        v = torch.randn(2, n, n, generator=g, dtype=dtype) / n ** 0.5
+        s = torch.rand(2, n, generator=g, dtype=dtype)
+        o = v @ v.mT
+        full = (v.mT * s.unsqueeze(-2)) @ v
+        for got, ref in ((sym_product(v, v.mT), o), (compose(v, s), full),
+                         (compose(v, s, add=o.clone(), weight=0.9, add_weight=0.1),
+                          0.9 * full + 0.1 * o)):
+            assert torch.equal(got, got.mT)
+            assert float((got - ref).abs().max() / ref.abs().max()) < tol
+        ref = v
+        for _ in range(2):
+            ref = 1.5 * ref - 0.5 * (ref @ ref.mT) @ ref
+        before = v.clone()
+        assert float((bjorck(v, 2) - ref).abs().max()) < tol and torch.equal(v, before)
+    q = torch.linalg.qr(torch.randn(1, 512, 512, generator=g, dtype=dtype))[0]
+    a = (q * torch.logspace(-2, 0, 512, dtype=dtype)) @ q.mT
+    u = torch.linalg.qr(torch.randn(1, 512, 512, generator=g, dtype=dtype))[0].mT
+    lam, pt = qr_subspace_refresh(a, u)
+    p_ref = torch.linalg.qr(a @ u.mT)[0]
+    assert pt.is_contiguous()
+    assert float((pt - p_ref.mT).abs().max()) < 1e3 * tol
+    assert torch.allclose(lam, ((p_ref.mT @ a) * p_ref.mT).sum(-1), rtol=1e3 * tol, atol=0)
+
+
 def test_schur_newton_matches_eigh_root():
     torch.manual_seed(0)
     x = torch.randn(3, 50, 80, dtype=torch.float64)

@@ -11,14 +11,69 @@ from __future__ import annotations
 
 import torch
 
+#: rows per panel of :func:`sym_product` (only panels on and below the diagonal are multiplied)
+SYM_PANEL = 128
+#: zero rows appended to Y for the QR of orders that are multiples of 512 (see qr_subspace_refresh)
+QR_PAD = 8
+
+
+def sym_product(a: torch.Tensor, b: torch.Tensor, add: torch.Tensor | None = None,
+                alpha: float = 1.0, beta: float = 1.0, out: torch.Tensor | None = None
+                ) -> torch.Tensor:
+    """``beta·add + alpha·(a @ b)`` for a result known to be symmetric (``a`` (B, n, k), ``b``
+    (B, k, n); ``add`` (B, n, n) symmetric or None), e.g. ``V Vᵀ`` or ``Uᵀ (diag(s) U)``.
+
+    Only the row panels' parts on and below the diagonal are multiplied (about half the flops
+    of the full product) and mirrored above it, so the result is exactly symmetric; each
+    computed entry is the full product's up to rounding (``add`` contributes its lower triangle).
+    ``out`` may be ``add`` itself (updated in place); otherwise a new tensor.
+    """
+    n = a.shape[-2]
+    if out is None:
+        out = torch.empty((*a.shape[:-1], n), dtype=a.dtype, device=a.device)
+    if add is not None and add is not out:
+        out.copy_(add)
+    edges = list(range(0, n, SYM_PANEL)) + [n]
+    for r0, r1 in zip(edges[:-1], edges[1:]):
+        dst = out[..., r0:r1, :r1]
+        if add is None:
+            torch.matmul(a[..., r0:r1, :], b[..., :r1], out=dst)
+            if alpha != 1.0:
+                dst.mul_(alpha)
+        else:
+            _addmm(dst, dst, a[..., r0:r1, :], b[..., :r1], beta=beta, alpha=alpha)
+    for r0, r1 in zip(edges[:-1], edges[1:]):
+        out[..., :r0, r0:r1].copy_(out[..., r0:r1, :r0].mT)
+        d = out[..., r0:r1, r0:r1]
+        d.copy_(torch.tril(d) + torch.tril(d, -1).mT)
+    return out
+
+
+def _addmm(out: torch.Tensor, c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float,
+           alpha: float) -> torch.Tensor:
+    """``out = beta·c + alpha·(a @ b)`` in one GEMM (``out`` may be ``c``; stacks or matrices)."""
+    if out.dim() == 2:
+        return torch.addmm(c, a, b, beta=beta, alpha=alpha, out=out)
+    return torch.baddbmm(c, a, b, beta=beta, alpha=alpha, out=out)
+
 
 def bjorck(v: torch.Tensor, iters: int) -> torch.Tensor:
     """``iters`` Björck steps ``V <- 1.5 V - 0.5 V Vᵀ V`` towards the nearest orthogonal matrix.
 
     Each singular value follows ``s <- 1.5 s - 0.5 s^3``, which converges to 1 for s in (0, √3).
+    ``V Vᵀ`` is a :func:`sym_product` and ``1.5 V - 0.5 (V Vᵀ) V`` one fused ``baddbmm``; ``v``
+    itself is not modified.
     """
-    for _ in range(iters):
-        v = 1.5 * v - 0.5 * (v @ v.mT) @ v
+    if iters <= 0:
+        return v
+    gram = torch.empty_like(v)
+    spare = None  # the buffer of two iterations ago (never the caller's v)
+    for k in range(iters):
+        sym_product(v, v.mT, out=gram)
+        nxt = spare if spare is not None else torch.empty_like(v)
+        _addmm(nxt, v, gram, v, beta=1.5, alpha=-0.5)
+        spare = v if k > 0 else None
+        v = nxt
     return v
 
 
@@ -28,9 +83,18 @@ def orthogonality_error(v: torch.Tensor) -> torch.Tensor:
     return torch.linalg.matrix_norm(v @ v.mT - eye)
 
 
-def compose(u: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """``Uᵀ diag(s) U`` for row-eigenvector matrices ``u`` (B, n, n) and values ``s`` (B, n)."""
-    return (u.mT * s.unsqueeze(-2)) @ u
+def compose(u: torch.Tensor, s: torch.Tensor, add: torch.Tensor | None = None,
+            weight: float = 1.0, add_weight: float = 1.0) -> torch.Tensor:
+    """``Uᵀ diag(s) U`` for row-eigenvector matrices ``u`` (B, n, n) and values ``s`` (B, n),
+    computed as the :func:`sym_product` ``Uᵀ (diag(s) U)`` (exactly symmetric).
+
+    With ``add`` (B, n, n) symmetric: ``weight·Uᵀ diag(s) U + add_weight·add`` in the same
+    products, written into ``add`` (e.g. the statistics EMA ``β·A + (1-β)·G Gᵀ`` in place).
+    """
+    su = u * s.unsqueeze(-1)
+    if add is None:
+        return sym_product(u.mT, su, alpha=weight)
+    return sym_product(u.mT, su, add=add, alpha=weight, beta=add_weight, out=add)
 
 
 def symmetrize(a: torch.Tensor) -> torch.Tensor:
@@ -44,9 +108,24 @@ def qr_subspace_refresh(a: torch.Tensor, u_prev: torch.Tensor
     ``P = QR(A Uᵀ_prev)``; eigenvalue estimates are the Rayleigh quotients ``diag(Pᵀ A P)``.
     Returns (eigenvalues (B, n), new row-eigenvector matrix ``Pᵀ`` (B, n, n)).
     """
-    p, _ = torch.linalg.qr(a @ u_prev.mT)
-    pt = p.mT
-    s = ((pt @ a) * pt).sum(-1)
+    n = a.shape[-1]
+    # Orders that are multiples of 512 make a pathological leading dimension for LAPACK's QR
+    # on CPU (1.5-2x slower than order + 8): there the QR runs on Y with QR_PAD zero rows
+    # appended, whose Householder reflectors, Q's first n rows and R are those of Y (the zero
+    # rows stay exactly zero; only the blocking, i.e. rounding, may differ).
+    pad = QR_PAD if n % 512 == 0 and a.device.type == "cpu" else 0
+    y = a.new_empty((*a.shape[:-2], n + pad, n))
+    torch.matmul(a, u_prev.mT, out=y[..., :n, :])
+    y[..., n:, :].zero_()
+    # Q and R written column-major, so Q's transpose (rows: the new eigenvectors) is a
+    # row-major tensor and LAPACK works on them without further copies
+    qt = a.new_empty((*a.shape[:-2], n, n + pad))
+    r = a.new_empty((*a.shape[:-2], n, n))
+    torch.linalg.qr(y, out=(qt.mT, r.mT))
+    del r
+    pt = qt[..., :n] if not pad else qt[..., :n].contiguous()
+    # y is free once the QR has copied it
+    s = torch.matmul(pt, a, out=y[..., :n, :]).mul_(pt).sum(-1)
     return s, pt
 
 

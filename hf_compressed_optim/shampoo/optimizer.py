@@ -20,9 +20,13 @@ Every step from ``start_step`` on: ``Ĝ = L̂ G R̂`` per block, rescaled to ``�
 tensor (grafting), then fed to AdamW (decoupled weight decay) or SGD with momentum (coupled weight
 decay, optional Nesterov). Rank ≤ 1 parameters get the first-order update on the raw gradient.
 
-Equal-size factors of *all* parameters are stacked and processed by one batched call each (outer
-products, Björck, QR, roots, quantization, preconditioning matmuls); the persistent state stays
-per parameter in ``self.state[p]`` as plain tensors.
+Equal-size factors of *all* parameters are stacked and processed by one batched call each
+(Björck, QR, roots, quantization, dequantization of the roots; on CPU in sub-batches of at most
+``CPU_STACK_BYTES`` per stack); the outer products and the preconditioning matmuls run per block,
+written straight into their stack or into the merged direction. Symmetric products (``V Vᵀ``,
+``Uᵀ diag(λ) U``, ``G Gᵀ``) multiply only their lower block triangle
+(:func:`~.matrix_functions.sym_product`). The persistent state stays per parameter in
+``self.state[p]`` as plain tensors; every temporary is freed by the end of ``step()``.
 """
 
 from __future__ import annotations
@@ -40,10 +44,23 @@ from .blocks import FP32_KEYS, QUANT_KEYS, ParamLayout, group_indices, param_lay
 from .config import LOWBIT_ADAMW, Shampoo32bitConfig, ShampooConfig
 from .matrix_functions import (
     bjorck, compose, eigen_inverse_root, eigh_inverse_root, finite_per_matrix,
-    qr_subspace_refresh, robust_batched, schur_newton_inverse_root, symmetrize,
+    qr_subspace_refresh, robust_batched, schur_newton_inverse_root, sym_product,
 )
 
 GRAFT_GUARD = 1e-12
+#: On CPU, equal-size factors are processed in sub-batches of at most this many bytes per
+#: (B, n, n) fp32 stack: CPU BLAS/LAPACK loop over a batch anyway, and larger temporaries come
+#: from freshly mapped memory at every step (a page fault per 4 KiB on first touch), while
+#: smaller ones are reused from the heap. One batch on other devices.
+CPU_STACK_BYTES = 8 << 20
+
+
+def sub_batches(idx: list[int], n: int, device: torch.device) -> list[list[int]]:
+    """``idx`` cut into the sub-batches described at :data:`CPU_STACK_BYTES`."""
+    if device.type != "cpu":
+        return [idx]
+    per = max(1, CPU_STACK_BYTES // (4 * n * n))
+    return [idx[i:i + per] for i in range(0, len(idx), per)]
 #: automatic intervals (T1 = T2 = 0): the paper's T1 = 100, T2 = 500 for long or unknown runs;
 #: a run of ``total_steps`` gets T2 = total_steps / 10 and T1 = T2 / 5 when that is shorter
 AUTO_T1, AUTO_T2 = 100, 500
@@ -232,25 +249,27 @@ class Shampoo(CompressedOptimizer):
     def _update_statistics(self, jobs: list[_Job]) -> None:
         if not jobs:
             return
-        entries = [(j, b, g) for j in jobs for b, g in zip(j.layout.blocks, self._blocks_fp32(j))]
-        factor_work = []  # (job, factor, outer product)
-        for idx in group_indices([g.shape for _, _, g in entries]).values():
-            gs = torch.stack([entries[i][2] for i in idx])
-            left = torch.bmm(gs, gs.mT)
-            right = torch.bmm(gs.mT, gs)
-            for k, i in enumerate(idx):
-                job, blk, _ = entries[i]
-                factor_work.append((job, blk.left, left[k]))
-                factor_work.append((job, blk.right, right[k]))
+        factor_work = []  # (job, factor, G of the outer product G Gᵀ: the block or its transpose)
+        for j in jobs:
+            for blk, g in zip(j.layout.blocks, self._blocks_fp32(j)):
+                factor_work.append((j, blk.left, g))
+                factor_work.append((j, blk.right, g.mT))
         keys = [(f.quantized, f.order, j.group["stat_decay"], j.codebook, j.qblock,
                  j.group["rectify_iters"][0]) for j, f, _ in factor_work]
-        for (quantized, n, beta, cb, block, t1), idx in group_indices(keys).items():
-            owners = [factor_work[i][0] for i in idx]
-            factors = [factor_work[i][1] for i in idx]
-            outer = torch.stack([factor_work[i][2] for i in idx])
-            if quantized:
-                self._refresh_eigen(owners, factors, outer, n, beta, cb, block, t1)
-            else:
+        for (quantized, n, beta, cb, block, t1), group in group_indices(keys).items():
+            device = factor_work[group[0]][0].grad.device
+            for idx in sub_batches(group, n, device) if quantized else [group]:
+                owners = [factor_work[i][0] for i in idx]
+                factors = [factor_work[i][1] for i in idx]
+                # the outer products, each written straight into its slot of the stack
+                # (symmetric: only the lower block triangle is multiplied)
+                outer = torch.empty((len(idx), n, n), dtype=torch.float32, device=device)
+                for k, i in enumerate(idx):
+                    g = factor_work[i][2]
+                    sym_product(g, g.mT, out=outer[k])
+                if quantized:
+                    self._refresh_eigen(owners, factors, outer, n, beta, cb, block, t1)
+                    continue
                 stats = [f.slice(j.state["stat_fp32"], 0).view(n, n)
                          for j, f in zip(owners, factors)]
                 old = torch.stack(stats)
@@ -271,15 +290,17 @@ class Shampoo(CompressedOptimizer):
         absmax = torch.stack([v[1] for v in views])
         lam = torch.stack([v[2] for v in views])
         u = bjorck(K.codebook_dequantize_rows(codes, absmax, n, cb, block), t1)
-        a = compose(u, lam)
-        a = a + outer if beta == 1.0 else beta * a + (1.0 - beta) * outer
-        out, ok = robust_batched(qr_subspace_refresh, symmetrize(a), u)
+        # A = β Uᵀ diag(λ) U + (1-β) G Gᵀ (β = 1: the sum), exactly symmetric, in outer's memory
+        weights = (1.0, 1.0) if beta == 1.0 else (beta, 1.0 - beta)
+        a = compose(u, lam, add=outer, weight=weights[0], add_weight=weights[1])
+        out, ok = robust_batched(qr_subspace_refresh, a, u)
         self._record_failures(owners, ok, "eigenvector (QR) update")
         if out is None or not bool(ok.any()):
             return
         new_lam, new_u = out
         keep = ok.nonzero().flatten()
-        new_codes, new_absmax = K.codebook_quantize_rows(new_u[keep], cb, block)
+        new_codes, new_absmax = K.codebook_quantize_rows(
+            new_u if len(keep) == len(ok) else new_u[keep], cb, block)
         for k, i in enumerate(keep.tolist()):
             views[i][0].copy_(new_codes[k])
             views[i][1].copy_(new_absmax[k])
@@ -296,7 +317,10 @@ class Shampoo(CompressedOptimizer):
             owners = [work[i][0] for i in idx]
             factors = [work[i][1] for i in idx]
             if quantized:
-                self._refresh_quantized_root(owners, factors, n, eps, mode, cb, block, rect)
+                for sub in sub_batches(list(range(len(idx))), n, owners[0].grad.device):
+                    self._refresh_quantized_root([owners[k] for k in sub],
+                                                 [factors[k] for k in sub],
+                                                 n, eps, mode, cb, block, rect)
                 continue
             stats = torch.stack([f.slice(j.state["stat_fp32"], 0).view(n, n)
                                  for j, f in zip(owners, factors)])
@@ -328,7 +352,8 @@ class Shampoo(CompressedOptimizer):
         if out is None or not bool(ok.any()):
             return
         keep = ok.nonzero().flatten()
-        diag, rcodes, rabsmax = K.codebook_quantize_offdiag(out[0][keep], cb, block)
+        diag, rcodes, rabsmax = K.codebook_quantize_offdiag(
+            out[0] if len(keep) == len(ok) else out[0][keep], cb, block)
         for k, i in enumerate(keep.tolist()):
             j, f = owners[i], factors[i]
             f.slice(j.state["root_diag"], 3).copy_(diag[k])
@@ -336,45 +361,44 @@ class Shampoo(CompressedOptimizer):
             f.slice(j.state["root_absmax"], 5).copy_(rabsmax[k].flatten())
 
     # ------------------------------------------------------------------ every step
-    def _roots(self, work) -> list[torch.Tensor]:
-        """fp32 inverse roots (n, n) of ``work`` = [(job, factor)], dequantized in batches."""
-        out: list = [None] * len(work)
-        keys = [(f.quantized, f.order, j.codebook, j.qblock) for j, f in work]
-        for (quantized, n, cb, block), idx in group_indices(keys).items():
-            if not quantized:
-                for i in idx:
-                    j, f = work[i]
-                    out[i] = f.slice(j.state["root_fp32"], 1).view(n, n)
-                continue
-            pc, nb = packed_cols(n), absmax_blocks(n, block)
-            diag = torch.stack([work[i][1].slice(work[i][0].state["root_diag"], 3) for i in idx])
-            codes = torch.stack([work[i][1].slice(work[i][0].state["root_codes"], 4).view(n, pc)
-                                 for i in idx])
-            absmax = torch.stack([work[i][1].slice(work[i][0].state["root_absmax"], 5)
-                                  .view(n, nb) for i in idx])
-            roots = K.codebook_dequantize_offdiag(diag, codes, absmax, cb, block)
-            for k, i in enumerate(idx):
-                out[i] = roots[k]
-        return out
+    @staticmethod
+    def _root_stack(work):
+        """fp32 inverse roots of ``work`` = [(job, factor)] of one order and storage: views of
+        the fp32 roots, or quantized roots dequantized in one batch (B, n, n)."""
+        j0, f0 = work[0]
+        n = f0.order
+        if not f0.quantized:
+            return [f.slice(j.state["root_fp32"], 1).view(n, n) for j, f in work]
+        cb, block = j0.codebook, j0.qblock
+        pc, nb = packed_cols(n), absmax_blocks(n, block)
+        diag = torch.stack([f.slice(j.state["root_diag"], 3) for j, f in work])
+        codes = torch.stack([f.slice(j.state["root_codes"], 4).view(n, pc) for j, f in work])
+        absmax = torch.stack([f.slice(j.state["root_absmax"], 5).view(n, nb) for j, f in work])
+        return K.codebook_dequantize_offdiag(diag, codes, absmax, cb, block)
 
     def _precondition(self, jobs: list[_Job]) -> None:
-        """``Ĝ = L̂ G R̂`` per block (batched by block shape), merged and grafted to ``‖G‖``.
-        One host sync checks the grafts of all parameters."""
+        """``Ĝ = L̂ G R̂`` per block (roots batched by block shape and storage), written into the
+        merged direction and grafted to ``‖G‖``. One host sync checks the grafts of all
+        parameters."""
         if not jobs:
             return
         entries = [(j, b, g) for j in jobs for b, g in zip(j.layout.blocks, self._blocks_fp32(j))]
-        roots = self._roots([(j, f) for j, b, _ in entries for f in (b.left, b.right)])
         for j in jobs:
             j.direction = torch.empty(j.layout.matrix_shape, dtype=torch.float32,
                                       device=j.grad.device)
-        for idx in group_indices([g.shape for _, _, g in entries]).values():
-            left = torch.stack([roots[2 * i] for i in idx])
-            right = torch.stack([roots[2 * i + 1] for i in idx])
-            gs = torch.stack([entries[i][2] for i in idx])
-            pre = torch.bmm(torch.bmm(left, gs), right)
-            for k, i in enumerate(idx):
-                j, b, _ = entries[i]
-                j.direction[b.rows[0]:b.rows[1], b.cols[0]:b.cols[1]] = pre[k]
+        keys = [(g.shape, b.left.quantized, b.right.quantized, j.codebook, j.qblock)
+                for j, b, g in entries]
+        for group in group_indices(keys).values():
+            b0 = entries[group[0]][1]
+            quantized = b0.left if b0.left.quantized else b0.right
+            for idx in (sub_batches(group, quantized.order, jobs[0].grad.device)
+                        if quantized.quantized else [group]):
+                left = self._root_stack([(entries[i][0], entries[i][1].left) for i in idx])
+                right = self._root_stack([(entries[i][0], entries[i][1].right) for i in idx])
+                for k, i in enumerate(idx):
+                    j, b, g = entries[i]
+                    torch.mm(torch.mm(left[k], g), right[k],
+                             out=j.direction[b.rows[0]:b.rows[1], b.cols[0]:b.cols[1]])
         norms = torch.stack([torch.stack((torch.linalg.vector_norm(j.grad.float()),
                                           torch.linalg.vector_norm(j.direction))) for j in jobs])
         scales = norms[:, 0] / (norms[:, 1] + GRAFT_GUARD)
