@@ -628,3 +628,19 @@ def test_triton_backend_gives_the_same_step(monkeypatch):
         results.append((params[0].detach().clone(), opt.state[params[0]]["root_codes"].clone()))
     assert torch.equal(results[0][0], results[1][0])
     assert torch.equal(results[0][1], results[1][1])
+
+
+def test_sym_product_one_gemm_branch_matches_panels(monkeypatch):
+    """The accelerator branch of sym_product (one GEMM, then the lower triangle mirrored) gives
+    the panelled CPU result up to rounding, exactly symmetric, with and without ``add``."""
+    from hf_compressed_optim.shampoo import matrix_functions as MF
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(2, 300, 40, generator=g, dtype=torch.float64)
+    add = MF.symmetrize(torch.randn(2, 300, 300, generator=g, dtype=torch.float64))
+    want = [MF.sym_product(a, a.mT), MF.sym_product(a, a.mT, add=add, alpha=0.3, beta=0.7)]
+    monkeypatch.setattr(MF, "panelled", lambda device: False)
+    got = [MF.sym_product(a, a.mT), MF.sym_product(a, a.mT, add=add, alpha=0.3, beta=0.7)]
+    for w, o in zip(want, got):
+        assert torch.equal(o, o.mT)
+        torch.testing.assert_close(o, w, rtol=1e-12, atol=1e-12)

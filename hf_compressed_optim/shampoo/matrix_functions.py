@@ -17,6 +17,11 @@ SYM_PANEL = 128
 QR_PAD = 8
 
 
+def panelled(device: torch.device) -> bool:
+    """Whether :func:`sym_product` multiplies lower-triangle panels (CPU) or runs one GEMM."""
+    return device.type == "cpu"
+
+
 def sym_product(a: torch.Tensor, b: torch.Tensor, add: torch.Tensor | None = None,
                 alpha: float = 1.0, beta: float = 1.0, out: torch.Tensor | None = None
                 ) -> torch.Tensor:
@@ -33,6 +38,16 @@ def sym_product(a: torch.Tensor, b: torch.Tensor, add: torch.Tensor | None = Non
         out = torch.empty((*a.shape[:-1], n), dtype=a.dtype, device=a.device)
     if add is not None and add is not out:
         out.copy_(add)
+    if not panelled(a.device):
+        # accelerators: one GEMM (many small panel launches would cost more than the flops
+        # they save), then the same mirroring of the lower triangle
+        if add is None:
+            torch.matmul(a, b, out=out)
+            if alpha != 1.0:
+                out.mul_(alpha)
+        else:
+            _addmm(out, out, a, b, beta=beta, alpha=alpha)
+        return out.copy_(torch.tril(out) + torch.tril(out, -1).mT)
     edges = list(range(0, n, SYM_PANEL)) + [n]
     for r0, r1 in zip(edges[:-1], edges[1:]):
         dst = out[..., r0:r1, :r1]
