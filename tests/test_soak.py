@@ -3,6 +3,7 @@ worker thread, a short soak launches two jobs at once, and the soak runner's ver
 collision handling say what happened (``tests/soak.py`` runs the long version)."""
 
 import subprocess
+import sys
 
 import pytest
 import soak
@@ -59,6 +60,28 @@ def test_every_collective_of_a_step_waits_for_the_release(one_rank_gloo, monkeyp
             p.grad = distribute_tensor(torch.randn(p.shape, generator=gen), mesh, [Shard(0)])
         opt.step()
     assert len(calls) >= 3 and len(waits) == len(calls)
+
+
+_EXIT_SCRIPT = """
+import atexit, os, sys, tempfile
+import torch.distributed as dist
+seen = []
+atexit.register(lambda: print("alive at exit:", seen[0] if seen else dist.is_initialized()))
+import hf_compressed_optim  # registers its exit hook after the one above: it runs first
+store = dist.FileStore(os.path.join(tempfile.mkdtemp(), "store"), 1)
+dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+out = [None]
+dist.all_gather_object(out, 1)   # a collective of the script's own, not the package's
+"""
+
+
+def test_a_gloo_group_left_alive_is_destroyed_at_exit():
+    """The package's atexit hook destroys a gloo process group the script left alive before the
+    interpreter finalizes (the exit crash of issue 18 through collectives it did not issue)."""
+    run = subprocess.run([sys.executable, "-c", _EXIT_SCRIPT], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "alive at exit: False" in run.stdout, run.stdout + run.stderr
 
 
 @pytest.mark.multiprocess

@@ -9,17 +9,35 @@ Python ends the worker thread inside a C++ destructor and the process aborts wit
 "terminate called without an active exception" (SIGABRT) after its work is done.
 
 :func:`all_reduce` therefore returns only after the backend has let go of the tensor, so the
-last reference is always Python's own.
+last reference is always Python's own; and at exit, :func:`destroy_gloo_group_at_exit` destroys
+a gloo process group the script left alive, for the collectives this package did not issue.
 """
 
 from __future__ import annotations
 
+import atexit
 import time
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_reduce", "wait_until_released"]
+__all__ = ["all_reduce", "wait_until_released", "destroy_gloo_group_at_exit"]
+
+def destroy_gloo_group_at_exit() -> None:
+    """At interpreter exit (``atexit``, before finalization), destroy a default process group
+    that is still alive on gloo, so gloo's worker threads let go of the tensors of the last
+    collectives while Python can still free them. :func:`all_reduce` covers the package's own
+    collectives; this covers the ones around it (the Trainer's gathers, ``all_gather_object``,
+    ``barrier``), which can otherwise abort the process after its work is done. NCCL groups are
+    left alone. Registered once when the package is imported."""
+    try:
+        if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
+            dist.destroy_process_group()
+    except Exception:  # exiting anyway: never turn a clean exit into a traceback
+        pass
+
+
+atexit.register(destroy_gloo_group_at_exit)
 
 #: how long to wait for the backend to release a tensor: a release takes microseconds, so this
 #: only bounds a backend that keeps tensors for good (then nothing is gained by waiting)
