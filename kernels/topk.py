@@ -61,8 +61,9 @@ def _select_rows(x: torch.Tensor, k: int) -> torch.Tensor:
     reductions, no full-size temporary). A per-row histogram of those maxima (by float bits,
     which order like the values) gives a threshold t with at least k sub-chunk maxima above it,
     hence at least k elements above it: every selected element is above t, so the candidates are
-    the elements of the sub-chunks whose max is above t. Gathered in (stride, sub-chunk) order they
-    keep ascending index order, so ties resolve exactly as on the whole row.
+    the elements of the sub-chunks whose max is above t, and of those only the ones above t (a
+    second, per-element pass): about k plus a few per row. Gathered in (stride, sub-chunk) order
+    they keep ascending index order, so ties resolve exactly as on the whole row.
     """
     rows, n = x.shape
     stride = _FILTER_STRIDE
