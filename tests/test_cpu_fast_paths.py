@@ -13,6 +13,16 @@ from hf_compressed_optim.kernels import window_adam as WA
 from hf_compressed_optim.kernels.layout import TopKLayout
 
 
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def torch_threads(request):
+    """Run the test with 1 and with 2 intra-op threads (parallel kernels must give the same bits),
+    restoring the previous setting afterwards."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(old)
+
+
 def _topk_reference(x: torch.Tensor, k: int) -> torch.Tensor:
     """int64 [rows, k]: per row the k largest |x| (ties to the lowest index), ascending: a
     stable sort of the whole row by magnitude."""
@@ -68,70 +78,52 @@ def test_block_topk_with_nan_and_inf_keeps_them_first():
     assert {5, 700, 9000} <= set(idx.tolist()) and idx.numel() == layout.k
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_distinct_positions_match_unique(threads):
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        g = torch.Generator().manual_seed(threads)
-        pos = torch.randint(0, 5000, (20000,), generator=g)
-        got, slot = WA._distinct_positions(pos, 5000)
-        want = torch.unique(pos)
-        assert torch.equal(got.sort().values, want)
-        assert torch.equal(got[slot], pos)  # every entry points at its own position
-        assert got.numel() == want.numel()
-    finally:
-        torch.set_num_threads(old)
+def test_distinct_positions_match_unique(torch_threads):
+    g = torch.Generator().manual_seed(torch_threads)
+    pos = torch.randint(0, 5000, (20000,), generator=g)
+    got, slot = WA._distinct_positions(pos, 5000)
+    want = torch.unique(pos)
+    assert torch.equal(got.sort().values, want)
+    assert torch.equal(got[slot], pos)  # every entry points at its own position
+    assert got.numel() == want.numel()
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_window_update_equals_unique_and_index_add(threads):
+def test_window_update_equals_unique_and_index_add(torch_threads):
     """The window's moments: sums per position in row order, as with unique + index_add_."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        g = torch.Generator().manual_seed(3)
-        n, window, step = 40000, 6, 9
-        layout = TopKLayout.create(n, 4096, 0.05)
-        idx = torch.stack([TK.block_topk(torch.randn(n, generator=g), layout)
-                           for _ in range(window)])
-        vals = torch.randn(window, layout.k, generator=g).bfloat16()
-        p0 = torch.randn(n, generator=g)
-        got = p0.clone()
-        WA.window_adam_update(got, idx, vals, layout, step, 0.9, 0.999, 1e-8, 1e-2, 0.0)
-        # reference: torch.unique + index_add_
-        pos, inv = torch.unique(TK.absolute_indices(idx, layout).view(-1), return_inverse=True)
-        v = vals.float()
-        w1 = WA.window_weights(window, step, 0.9, "cpu")[:, None]
-        w2 = WA.window_weights(window, step, 0.999, "cpu")[:, None]
-        m = torch.zeros(pos.numel()).index_add_(0, inv.view(-1), (w1 * v).view(-1))
-        s = torch.zeros(pos.numel()).index_add_(0, inv.view(-1), (w2 * v.square()).view(-1))
-        c1, c2 = WA.adam_coefficients(step, 0.9, 0.999)
-        want = p0.clone()
-        want[pos] = p0[pos].sub_(m.mul_(c1).div_(s.mul_(c2).sqrt_().add_(1e-8)), alpha=1e-2)
-        assert torch.equal(got, want)
-    finally:
-        torch.set_num_threads(old)
+    g = torch.Generator().manual_seed(3)
+    n, window, step = 40000, 6, 9
+    layout = TopKLayout.create(n, 4096, 0.05)
+    idx = torch.stack([TK.block_topk(torch.randn(n, generator=g), layout)
+                       for _ in range(window)])
+    vals = torch.randn(window, layout.k, generator=g).bfloat16()
+    p0 = torch.randn(n, generator=g)
+    got = p0.clone()
+    WA.window_adam_update(got, idx, vals, layout, step, 0.9, 0.999, 1e-8, 1e-2, 0.0)
+    # reference: torch.unique + index_add_
+    pos, inv = torch.unique(TK.absolute_indices(idx, layout).view(-1), return_inverse=True)
+    v = vals.float()
+    w1 = WA.window_weights(window, step, 0.9, "cpu")[:, None]
+    w2 = WA.window_weights(window, step, 0.999, "cpu")[:, None]
+    m = torch.zeros(pos.numel()).index_add_(0, inv.view(-1), (w1 * v).view(-1))
+    s = torch.zeros(pos.numel()).index_add_(0, inv.view(-1), (w2 * v.square()).view(-1))
+    c1, c2 = WA.adam_coefficients(step, 0.9, 0.999)
+    want = p0.clone()
+    want[pos] = p0[pos].sub_(m.mul_(c1).div_(s.mul_(c2).sqrt_().add_(1e-8)), alpha=1e-2)
+    assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_sparse_rows_combine_equals_index_add(threads):
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        g = torch.Generator().manual_seed(5)
-        n, m = 30001, 7
-        layout = TopKLayout.create(n, 4096, 0.03)
-        idx = torch.stack([TK.block_topk(torch.randn(n, generator=g), layout) for _ in range(m)])
-        vals = torch.randn(m, layout.k, generator=g)
-        coeffs = torch.randn(m, generator=g, dtype=torch.float64)
-        out = torch.randn(n, generator=g)
-        want = out.clone().index_add_(0, TK.absolute_indices(idx, layout).view(-1),
-                                      (vals * coeffs.float()[:, None]).view(-1))
-        SR.sparse_rows_combine(idx, vals, layout, coeffs, out)
-        assert torch.equal(out, want)
-    finally:
-        torch.set_num_threads(old)
+def test_sparse_rows_combine_equals_index_add(torch_threads):
+    g = torch.Generator().manual_seed(5)
+    n, m = 30001, 7
+    layout = TopKLayout.create(n, 4096, 0.03)
+    idx = torch.stack([TK.block_topk(torch.randn(n, generator=g), layout) for _ in range(m)])
+    vals = torch.randn(m, layout.k, generator=g)
+    coeffs = torch.randn(m, generator=g, dtype=torch.float64)
+    out = torch.randn(n, generator=g)
+    want = out.clone().index_add_(0, TK.absolute_indices(idx, layout).view(-1),
+                                  (vals * coeffs.float()[:, None]).view(-1))
+    SR.sparse_rows_combine(idx, vals, layout, coeffs, out)
+    assert torch.equal(out, want)
 
 
 def _quantize_reference(x, bucket):
