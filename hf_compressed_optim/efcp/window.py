@@ -143,16 +143,16 @@ def compress_into_slot(state: dict, grad: torch.Tensor, slot: int) -> torch.Tens
     else:
         layout = layout_of(state, n)
         idx = K.block_topk(acc, layout)
+        picked = K.gather_block_values(acc, idx, layout)  # fp32 values of a at idx
         state["window_indices"][slot].copy_(idx)
-        state["window_values"][slot].copy_(K.gather_block_values(acc, idx, layout))
+        state["window_values"][slot].copy_(picked)
         c = torch.zeros_like(acc)
         if layout.k:
-            kept = state["window_values"][slot].float()
+            kept = state["window_values"][slot].float()  # as stored (e.g. rounded to bf16)
             K.scatter_block_values(c, idx, kept, layout)
             # a - c changes only the kept entries (a - 0 == a elsewhere, bit for bit): subtract
-            # there (gather, subtract, scatter) instead of in a dense pass
-            K.scatter_block_values(acc, idx, K.gather_block_values(acc, idx, layout).sub_(kept),
-                                   layout)
+            # there instead of in a dense pass
+            K.scatter_block_values(acc, idx, picked.sub_(kept), layout)
     store_error(state, acc)
     return c
 
