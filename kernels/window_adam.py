@@ -116,8 +116,9 @@ def window_adam_update(param: torch.Tensor, idx: torch.Tensor, vals: torch.Tenso
 
     The moments are accumulated only over the distinct positions the window holds (rows in ring
     order, so sums are in the same order as the Triton kernel's): the temporaries are
-    O(window entries), never O(numel). Without weight decay and ``dense`` only those entries of
-    ``param`` are touched, since the update is zero elsewhere.
+    O(window entries), plus the int32 position map of :func:`_distinct_positions` (4 bytes per
+    element, freed before the moments are summed). Without weight decay and ``dense`` only
+    those entries of ``param`` are touched, since the update is zero elsewhere.
     """
     n = param.numel()
     if n == 0:
