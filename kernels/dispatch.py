@@ -4,9 +4,13 @@ Every op has a PyTorch twin and a Triton kernel in its module (:mod:`.quant4`, :
 :mod:`.window_adam`, :mod:`.error_feedback`, :mod:`.codebook`, :mod:`.sparse_rows`,
 :mod:`.lowbit_adam`); the functions here pick one per call, by one rule for every op:
 
-* ``HCO_KERNEL_BACKEND=auto`` (default): Triton for CUDA tensors when triton is usable, else
-  the PyTorch twin, quietly (CPU, macOS, no triton, a Triton that fails to initialise);
+* ``HCO_KERNEL_BACKEND=auto`` (default): Triton for CUDA tensors when triton is usable; on
+  CPU the native C loops of the ops that have them (:data:`_NATIVE_OPS`, :mod:`._native`) when
+  a C compiler built them; else the PyTorch twin, quietly (no triton, no compiler, a backend
+  that fails to initialise);
 * ``HCO_KERNEL_BACKEND=torch``: always the PyTorch twins;
+* ``HCO_KERNEL_BACKEND=native``: the native CPU loops for the ops that have them, the PyTorch
+  twins for the others; raises :class:`KernelBackendError` when the library cannot be built;
 * ``HCO_KERNEL_BACKEND=triton``: always Triton. Where it cannot run (triton missing or failing
   to import, or a CPU tensor without ``TRITON_INTERPRET=1``) the call raises
   :class:`KernelBackendError` naming the op, the device and the alternative; a forced backend
@@ -21,13 +25,13 @@ import os
 
 import torch
 
-from . import (_triton, codebook, error_feedback, lowbit_adam, quant4, sparse_rows, topk,
+from . import (_native, _triton, codebook, error_feedback, lowbit_adam, quant4, sparse_rows, topk,
                window_adam)
 from .codebook import CODEBOOKS, absmax_blocks, packed_cols
 from .layout import MAX_INT16_BLOCK, TopKLayout, entries_per_block
 
 ENV_VAR = "HCO_KERNEL_BACKEND"
-_CHOICES = ("auto", "torch", "triton")
+_CHOICES = ("auto", "torch", "triton", "native")
 
 #: public op -> (module, name of its PyTorch twin there); the Triton version is ``name_triton``.
 #: Looked up per call, so wrapping a module's function (a profiler) affects the dispatch.
@@ -49,6 +53,11 @@ _OPS = {
 }
 
 
+#: ops with a native CPU version, ``name_native`` beside the twin (a C loop per top-k block)
+_NATIVE_OPS = frozenset({"error_feedback_compress", "window_adam_update", "sparse_rows_dot",
+                         "sparse_rows_combine"})
+
+
 class KernelBackendError(RuntimeError):
     """A kernel backend forced with ``HCO_KERNEL_BACKEND`` cannot run the requested op."""
 
@@ -65,10 +74,27 @@ def _choice() -> str:
     return choice
 
 
+def native_available() -> bool:
+    """Whether the native CPU library is built and loaded (builds it on the first call)."""
+    return _native.library() is not None
+
+
+def _use_native(op: str, tensor: torch.Tensor, choice: str) -> bool:
+    """Whether ``op`` on ``tensor`` runs its native CPU loop (policy: module docstring)."""
+    if choice not in ("auto", "native") or op not in _NATIVE_OPS or tensor.device.type != "cpu":
+        return False
+    if choice == "native" and _native.unavailable() is not None:
+        raise KernelBackendError(
+            f"{ENV_VAR}=native: the native CPU kernel for {op} could not be built or loaded "
+            f"({_native.unavailable()}). Unset {ENV_VAR} (or set it to 'auto' or 'torch') to "
+            "use the PyTorch implementation.")
+    return _native.library() is not None
+
+
 def _use_triton(op: str, tensor: torch.Tensor) -> bool:
     """Whether ``op`` on ``tensor`` runs the Triton kernel (policy: module docstring)."""
     choice = _choice()
-    if choice == "torch":
+    if choice in ("torch", "native"):
         return False
     why = _triton.UNAVAILABLE
     if choice == "auto":
@@ -86,15 +112,22 @@ def _use_triton(op: str, tensor: torch.Tensor) -> bool:
         "implementation.")
 
 
+def _backend(op: str, tensor: torch.Tensor) -> str:
+    if _use_native(op, tensor, _choice()):
+        return "native"
+    return "triton" if _use_triton(op, tensor) else "torch"
+
+
 def _impl(op: str, tensor: torch.Tensor):
-    """The function that runs ``op`` on ``tensor``: the twin or its Triton version."""
+    """The function that runs ``op`` on ``tensor``: the twin, its Triton or native version."""
     module, name = _OPS[op]
-    return getattr(module, name + "_triton" if _use_triton(op, tensor) else name)
+    backend = _backend(op, tensor)
+    return getattr(module, name if backend == "torch" else f"{name}_{backend}")
 
 
 def backend_for(tensor: torch.Tensor, op: str = "kernels") -> str:
-    """'triton' or 'torch' for the ops on ``tensor`` (see the module docstring)."""
-    return "triton" if _use_triton(op, tensor) else "torch"
+    """'triton', 'native' or 'torch' for ``op`` on ``tensor`` (see the module docstring)."""
+    return _backend(op, tensor)
 
 
 def quantize4(x: torch.Tensor, bucket: int, codes: torch.Tensor, mins: torch.Tensor,
@@ -137,10 +170,12 @@ def window_adam_update(param: torch.Tensor, idx: torch.Tensor, vals: torch.Tenso
 
 def error_feedback_compress(grad: torch.Tensor, codes: torch.Tensor, mins: torch.Tensor,
                             maxs: torch.Tensor, bucket: int, layout: TopKLayout,
-                            idx_out: torch.Tensor, val_out: torch.Tensor) -> None:
-    """MicroAdam's compression step with 4-bit error feedback (:mod:`.error_feedback`)."""
+                            idx_out: torch.Tensor, val_out: torch.Tensor,
+                            keep_rounding: bool = False) -> None:
+    """Top-k compression with 4-bit error feedback (:mod:`.error_feedback`): MicroAdam's, or
+    EFCP's with ``keep_rounding``."""
     return _impl("error_feedback_compress", grad)(grad, codes, mins, maxs, bucket, layout,
-                                                  idx_out, val_out)
+                                                  idx_out, val_out, keep_rounding)
 
 
 def codebook_quantize_rows(x: torch.Tensor, name: str, block: int
@@ -190,5 +225,5 @@ def lowbit_adam_update(param: torch.Tensor, grad: torch.Tensor, m_codes: torch.T
 
 
 __all__ = ["CODEBOOKS", "ENV_VAR", "MAX_INT16_BLOCK", "KernelBackendError", "TopKLayout",
-           "absmax_blocks", "backend_for", "entries_per_block", "packed_cols",
+           "absmax_blocks", "backend_for", "entries_per_block", "native_available", "packed_cols",
            "triton_available", *_OPS]

@@ -1,47 +1,101 @@
-"""One MicroAdam compression step: ``a = grad + Q^-1(e)``; the window row gets the block top-k
-of ``a``; ``e <- Q(a with those entries zeroed)``.
+"""One top-k compression step with 4-bit error feedback: ``a = grad + Q^-1(e)``; the window row
+gets the block top-k of ``a``; ``e <- Q(a with those entries zeroed)`` (MicroAdam), or with the
+selected entries' storage rounding left in (``keep_rounding``, EFCP).
 
-The PyTorch twin composes the single-op twins. The Triton version fuses the whole step into one
-program per top-k block (dequantize-add, top-k, gather, zeroing, re-quantization) when every
-top-k block starts on a quantization-bucket boundary (the usual case); otherwise it composes the
-single-op Triton kernels. Both give the same bits.
+The PyTorch twin composes the single-op twins. The native CPU version (``*_native``,
+``csrc/microadam_cpu.c``) does each top-k block in one pass. The Triton version fuses the whole
+step into one program per top-k block (dequantize-add, top-k, gather, zeroing, re-quantization)
+when every top-k block starts on a quantization-bucket boundary (the usual case) and not for
+``keep_rounding``; otherwise it composes the single-op Triton kernels. All give the same bits.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import quant4, topk
+from . import _native, quant4, topk
 from ._triton import (FLOAT_DTYPES, LAUNCH, Out, arg, block_geometry, flat, jit, load_f32, np2,
                       on_device, store_f32, tl, warps)
-from .layout import TopKLayout
+from .layout import MAX_INT16_BLOCK, TopKLayout
 from .quant4 import quant_code, round_stat
 from .topk import MAX_TOPK_TILE, mag_bits
 
 
 def _select_and_requantize(acc: torch.Tensor, codes: torch.Tensor, mins: torch.Tensor,
                            maxs: torch.Tensor, bucket: int, layout: TopKLayout,
-                           idx_out: torch.Tensor, val_out: torch.Tensor, use_triton: bool) -> None:
+                           idx_out: torch.Tensor, val_out: torch.Tensor, use_triton: bool,
+                           keep_rounding: bool = False) -> None:
     """The step after ``acc = grad + Q^-1(e)``, composed of the single-op kernels (module
     attributes looked up per call, so a profiler that wraps them sees these calls)."""
     sfx = "_triton" if use_triton else ""
     idx = getattr(topk, "block_topk" + sfx)(acc, layout)
     idx_out.copy_(idx)
-    val_out.copy_(getattr(topk, "gather_block_values" + sfx)(acc, idx, layout))
-    getattr(topk, "scatter_block_values" + sfx)(acc, idx, 0.0, layout)
+    picked = getattr(topk, "gather_block_values" + sfx)(acc, idx, layout)
+    val_out.copy_(picked)
+    # the selected entries leave the error: all of them (MicroAdam), or all but what storing
+    # them in the window's dtype rounded off (EFCP: a - c, changed only at the kept entries)
+    rest = picked.sub_(val_out.float()) if keep_rounding else 0.0
+    getattr(topk, "scatter_block_values" + sfx)(acc, idx, rest, layout)
     getattr(quant4, "quantize4" + sfx)(acc, bucket, codes, mins, maxs, overwrite=True)
 
 
 def error_feedback_compress(grad: torch.Tensor, codes: torch.Tensor, mins: torch.Tensor,
                             maxs: torch.Tensor, bucket: int, layout: TopKLayout,
-                            idx_out: torch.Tensor, val_out: torch.Tensor) -> None:
+                            idx_out: torch.Tensor, val_out: torch.Tensor,
+                            keep_rounding: bool = False) -> None:
     """a = grad + Q^-1(e); (idx, val) = block top-k of a; e <- Q(a with the selected entries zeroed).
 
     ``grad`` is left untouched; ``idx_out`` (int16 [k]) and ``val_out`` (bf16 [k]) receive the new
     window row; ``codes``/``mins``/``maxs`` are overwritten with the quantized residual.
+    ``keep_rounding`` (EFCP): the selected entries of the residual are ``a - val_out`` (what
+    storing them rounded off) instead of 0.
     """
     acc = quant4.dequantize4(codes, mins, maxs, layout.numel, bucket).add_(grad.reshape(-1))
-    _select_and_requantize(acc, codes, mins, maxs, bucket, layout, idx_out, val_out, False)
+    _select_and_requantize(acc, codes, mins, maxs, bucket, layout, idx_out, val_out, False,
+                           keep_rounding)
+
+
+def native_compress_applies(grad: torch.Tensor, codes: torch.Tensor, mins: torch.Tensor,
+                            maxs: torch.Tensor, bucket: int, layout: TopKLayout,
+                            idx_out: torch.Tensor, val_out: torch.Tensor) -> bool:
+    """Whether the native loop takes this call: library built, CPU contiguous tensors, fp32/bf16
+    data, int16 indices, and every top-k block starting on a quantization-bucket boundary."""
+    stats = (torch.bfloat16, torch.float32)
+    return (_native.library() is not None and layout.numel > 0
+            and grad.numel() == layout.numel and bucket >= 2 and bucket % 2 == 0
+            and (layout.block % bucket == 0 or (layout.num_full == 1 and layout.tail == 0))
+            and grad.dtype in stats and mins.dtype in stats and maxs.dtype == mins.dtype
+            and val_out.dtype in stats and codes.dtype == torch.uint8
+            and idx_out.dtype == torch.int16 and layout.block <= MAX_INT16_BLOCK
+            and all(t.device.type == "cpu" and t.is_contiguous()
+                    for t in (grad, codes, mins, maxs, idx_out, val_out)))
+
+
+def compress_native(grad: torch.Tensor, codes: torch.Tensor, mins: torch.Tensor,
+                    maxs: torch.Tensor, bucket: int, layout: TopKLayout, idx_out: torch.Tensor,
+                    val_out: torch.Tensor, keep_rounding: bool) -> None:
+    """The native loop (see :func:`native_compress_applies`). ``keep_rounding``: the selected
+    entries of the new error are ``a - stored value`` (EFCP) instead of 0 (MicroAdam)."""
+    bf16 = torch.bfloat16
+    rc = _native.library().hco_ef_compress(
+        grad.data_ptr(), grad.dtype == bf16, codes.data_ptr(), mins.data_ptr(), maxs.data_ptr(),
+        mins.dtype == bf16, int(bucket), layout.block, layout.num_full, layout.k_full,
+        layout.tail, layout.k_tail, idx_out.data_ptr(), val_out.data_ptr(), val_out.dtype == bf16,
+        bool(keep_rounding), torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError("native error-feedback compression: no memory for the block scratch")
+
+
+def error_feedback_compress_native(grad: torch.Tensor, codes: torch.Tensor, mins: torch.Tensor,
+                                   maxs: torch.Tensor, bucket: int, layout: TopKLayout,
+                                   idx_out: torch.Tensor, val_out: torch.Tensor,
+                                   keep_rounding: bool = False) -> None:
+    """Native CPU twin of :func:`error_feedback_compress` (same bits); the PyTorch twin where
+    it does not apply (:func:`native_compress_applies`)."""
+    args = (grad, codes, mins, maxs, int(bucket), layout, idx_out, val_out)
+    if not native_compress_applies(*args):
+        return error_feedback_compress(*args, keep_rounding)
+    compress_native(*args, keep_rounding)
 
 
 @jit
@@ -143,8 +197,10 @@ def fusable(layout: TopKLayout, bucket: int) -> tuple[int, int] | None:
 @on_device
 def error_feedback_compress_triton(grad: torch.Tensor, codes: torch.Tensor, mins: torch.Tensor,
                                    maxs: torch.Tensor, bucket: int, layout: TopKLayout,
-                                   idx_out: torch.Tensor, val_out: torch.Tensor) -> None:
-    """Triton twin of :func:`error_feedback_compress` (fused where :func:`fusable`)."""
+                                   idx_out: torch.Tensor, val_out: torch.Tensor,
+                                   keep_rounding: bool = False) -> None:
+    """Triton twin of :func:`error_feedback_compress` (fused where :func:`fusable`, and not
+    for ``keep_rounding``: then the single-op kernels)."""
     n = layout.numel
     if n == 0:
         return
@@ -153,9 +209,10 @@ def error_feedback_compress_triton(grad: torch.Tensor, codes: torch.Tensor, mins
     ok_dtypes = (grad.dtype in FLOAT_DTYPES and val_out.dtype in FLOAT_DTYPES
                  and mins.dtype in (torch.bfloat16, torch.float32) and maxs.dtype == mins.dtype
                  and idx_out.dtype == torch.int16)
-    if tile is None or not ok_dtypes:
+    if tile is None or not ok_dtypes or keep_rounding:
         acc = quant4.dequantize_add_triton(codes, mins, maxs, n, bucket, add=grad)
-        _select_and_requantize(acc, codes, mins, maxs, bucket, layout, idx_out, val_out, True)
+        _select_and_requantize(acc, codes, mins, maxs, bucket, layout, idx_out, val_out, True,
+                               keep_rounding)
         return
     nbp, hp = tile
     gf, gbf = arg(flat(grad))

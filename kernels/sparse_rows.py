@@ -1,5 +1,5 @@
 """The two window passes of EFCP's preconditioners: PyTorch twins (they define the semantics)
-and their Triton kernels (``*_triton``, same bits).
+and their Triton kernels (``*_triton``) and native CPU loops (``*_native``, same bits).
 
 A window holds ``m`` sparse rows of one parameter in the :class:`~.layout.TopKLayout` format:
 ``idx`` (int16 ``[m, k]``, block-relative) and ``vals`` (bf16/fp32 ``[m, k]``). Only the first
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 
+from . import _native
 from ._triton import (FLOAT_DTYPES, LAUNCH, arg, block_geometry, chunk, flat, jit, load_f32,
                       on_device, tl, triton)
 from .layout import TopKLayout
@@ -58,6 +59,20 @@ def _row_chunks(nrows: int, k: int):
         yield r0, min(nrows, r0 + step)
 
 
+def _tree_sum(prod: torch.Tensor) -> torch.Tensor:
+    """Row sums of fp64 ``prod`` [rows, k] in a fixed order: zero-padded to a power of two
+    columns, then halved (first half += second half) until one column is left. ``torch.sum``'s
+    order is the build's own; this one is the same on every CPU, and the native loop sums in it,
+    so both give the same bits."""
+    width = 1 << max(0, (prod.shape[1] - 1).bit_length())
+    if width != prod.shape[1]:
+        prod = torch.nn.functional.pad(prod, (0, width - prod.shape[1]))
+    while width > 1:
+        width //= 2
+        prod[:, :width].add_(prod[:, width:2 * width])
+    return prod[:, 0]
+
+
 def sparse_rows_dot(idx: torch.Tensor, vals: torch.Tensor, layout: TopKLayout, x: torch.Tensor,
                     nrows: int | None = None) -> torch.Tensor:
     """fp64 ``[nrows]``: ``<row_i, x>`` for the first ``nrows`` window rows and dense flat ``x``."""
@@ -71,7 +86,7 @@ def sparse_rows_dot(idx: torch.Tensor, vals: torch.Tensor, layout: TopKLayout, x
         pos = absolute_indices(idx[r0:r1], layout).view(-1)
         prod = torch.index_select(xf, 0, pos).view(r1 - r0, k).double()
         prod.mul_(vals[r0:r1])  # promoted to fp64 inside the op: the same exact products
-        torch.sum(prod, dim=1, out=out[r0:r1])
+        out[r0:r1] = _tree_sum(prod)
     return out
 
 
@@ -87,6 +102,46 @@ def sparse_rows_combine(idx: torch.Tensor, vals: torch.Tensor, layout: TopKLayou
         pos = absolute_indices(idx[r0:r1], layout).view(-1)
         contrib = torch.mul(vals[r0:r1], c[r0:r1, None]).view(-1)  # fp32 products, new tensor
         flat_out.scatter_add_(0, pos, contrib)  # entry order as index_add_, about 2x faster
+
+
+def _native_applies(idx: torch.Tensor, vals: torch.Tensor, layout: TopKLayout,
+                    dense: torch.Tensor) -> bool:
+    return (_native.library() is not None and idx.dtype == torch.int16 and idx.dim() == 2
+            and vals.shape == idx.shape and vals.dtype in (torch.float32, torch.bfloat16)
+            and dense.dtype == torch.float32 and dense.numel() == layout.numel
+            and idx.shape[1] == layout.k
+            and all(t.device.type == "cpu" and t.is_contiguous() for t in (idx, vals, dense)))
+
+
+def sparse_rows_dot_native(idx: torch.Tensor, vals: torch.Tensor, layout: TopKLayout,
+                           x: torch.Tensor, nrows: int | None = None) -> torch.Tensor:
+    """Native CPU twin of :func:`sparse_rows_dot` (same bits); the twin where it does not apply."""
+    m, work = _rows(idx, nrows, layout)
+    if not work or not _native_applies(idx, vals, layout, x):
+        return sparse_rows_dot(idx, vals, layout, x, nrows)
+    out = torch.empty(m, dtype=torch.float64)
+    rc = _native.library().hco_sparse_dot(
+        idx.data_ptr(), vals.data_ptr(), vals.dtype == torch.bfloat16, x.data_ptr(), layout.k, m,
+        layout.block, layout.num_full, layout.k_full, layout.tail, layout.k_tail, out.data_ptr(),
+        torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError("sparse_rows_dot_native: no memory for the row scratch")
+    return out
+
+
+def sparse_rows_combine_native(idx: torch.Tensor, vals: torch.Tensor, layout: TopKLayout,
+                               coeffs: torch.Tensor, out: torch.Tensor,
+                               nrows: int | None = None) -> None:
+    """Native CPU twin of :func:`sparse_rows_combine` (same bits); the twin where it does not
+    apply."""
+    m, work = _rows(idx, nrows, layout, out)
+    if not work or not _native_applies(idx, vals, layout, out):
+        return sparse_rows_combine(idx, vals, layout, coeffs, out, nrows)
+    c = coeffs[:m].to(device="cpu", dtype=torch.float32).contiguous()
+    _native.library().hco_sparse_combine(
+        idx.data_ptr(), vals.data_ptr(), vals.dtype == torch.bfloat16, c.data_ptr(),
+        out.data_ptr(), layout.k, m, layout.block, layout.num_full, layout.k_full, layout.tail,
+        layout.k_tail, torch.get_num_threads())
 
 
 @jit

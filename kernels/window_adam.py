@@ -1,7 +1,8 @@
 """MicroAdam's fused update: Adam's moments rebuilt from the sparse gradient window, applied to
 the parameter with decoupled weight decay and one rounding (stochastic for bf16 on request).
 
-The PyTorch twin defines the semantics; the Triton kernel matches it bitwise. The kernel runs
+The PyTorch twin defines the semantics; the Triton kernel and the native CPU loop
+(``*_native``, ``csrc/microadam_cpu.c``) match it bitwise. The kernel runs
 one persistent program per group of top-k blocks: it rebuilds the block's m and v in a private
 fp32 scratch slot (row by row, in ring-row order, with a barrier between rows; indices are
 unique within a row so there are no write conflicts), then updates the block's parameters
@@ -13,9 +14,10 @@ from __future__ import annotations
 
 import torch
 
+from . import _native
 from ._triton import (FLOAT_DTYPES, LAUNCH, Out, arg, bf16_rne_bits, block_geometry, chunk, jit,
                       load_f32, on_device, store_f32, tl)
-from .layout import TopKLayout
+from .layout import MAX_INT16_BLOCK, TopKLayout
 from .topk import absolute_indices, row_entries
 
 # Upper bound of the persistent grid of window_adam_update_triton (None: a multiple of the SM
@@ -84,6 +86,13 @@ def adam_coefficients(step: int, beta1: float, beta2: float) -> tuple[float, flo
     return (1.0 - beta1) / (1.0 - beta1 ** step), (1.0 - beta2) / (1.0 - beta2 ** step)
 
 
+def _sqrt_rn(x: torch.Tensor) -> torch.Tensor:
+    """fp32 square root rounded once (computed in fp64): the same bits on every CPU build and as
+    the Triton kernel's ``sqrt_rn`` and the native loop. torch's vectorised fp32 ``sqrt`` is not
+    correctly rounded on every build (one ulp off for about 17% of inputs on torch 2.13 AVX512)."""
+    return x.double().sqrt_().float()
+
+
 def _distinct_positions(pos: torch.Tensor, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(distinct values of ``pos``, for each entry the index of its value among them).
 
@@ -135,7 +144,7 @@ def window_adam_update(param: torch.Tensor, idx: torch.Tensor, vals: torch.Tenso
     m_acc.scatter_add_(0, slot, (w1 * v).view(-1))
     v_acc.scatter_add_(0, slot, (w2 * v.square()).view(-1))
     c1, c2 = adam_coefficients(step, beta1, beta2)
-    upd = m_acc.mul_(c1).div_(v_acc.mul_(c2).sqrt_().add_(eps))
+    upd = m_acc.mul_(c1).div_(_sqrt_rn(v_acc.mul_(c2)).add_(eps))
     flat = param.view(-1) if param.is_contiguous() else param.reshape(-1).clone()
     if weight_decay != 0.0 or dense is not None:
         if dense is not None:
@@ -153,6 +162,41 @@ def window_adam_update(param: torch.Tensor, idx: torch.Tensor, vals: torch.Tenso
         flat.scatter_(0, pos, _round_to(param, new, sr_seed, pos))
     if flat.data_ptr() != param.data_ptr():
         param.copy_(flat.view(param.shape))
+
+
+def window_adam_update_native(param: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor,
+                              layout: TopKLayout, step: int, beta1: float, beta2: float,
+                              eps: float, lr: float, weight_decay: float,
+                              sr_seed: int | None = None, dense: torch.Tensor | None = None
+                              ) -> None:
+    """Native CPU twin of :func:`window_adam_update` (same bits); the PyTorch twin where it does
+    not apply (no library, ``dense``, fp16 or non-contiguous parameters, non-CPU tensors)."""
+    lib = _native.library()
+    floats = (torch.float32, torch.bfloat16)
+    if (lib is None or dense is not None or param.dtype not in floats or vals.dtype not in floats
+            or idx.dtype != torch.int16 or layout.block > MAX_INT16_BLOCK
+            or param.numel() != layout.numel or idx.dim() != 2 or idx.shape != vals.shape
+            or idx.shape[1] != layout.k
+            or any(t.device.type != "cpu" or not t.is_contiguous() for t in (param, idx, vals))):
+        return window_adam_update(param, idx, vals, layout, step, beta1, beta2, eps, lr,
+                                  weight_decay, sr_seed, dense)
+    if param.numel() == 0:
+        return
+    window = idx.shape[0]
+    nrows = max(0, min(window, int(step)))
+    w1 = window_weights(window, step, beta1, "cpu")
+    w2 = window_weights(window, step, beta2, "cpu")
+    c1, c2 = adam_coefficients(step, beta1, beta2)
+    sr = sr_seed is not None and param.dtype == torch.bfloat16
+    mode = 0 if param.dtype == torch.float32 else (2 if sr else 1)
+    rc = lib.hco_window_adam(param.data_ptr(), mode, idx.data_ptr(), vals.data_ptr(),
+                             vals.dtype == torch.bfloat16, layout.k, nrows, w1.data_ptr(),
+                             w2.data_ptr(), layout.block, layout.num_full, layout.k_full,
+                             layout.tail, layout.k_tail, c1, c2, eps, lr,
+                             1.0 - lr * weight_decay, weight_decay != 0.0,
+                             _seed32(sr_seed) if sr else 0, torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError("window_adam_update_native: no memory for the block scratch")
 
 
 # ---- Triton kernel ------------------------------------------------------------------------------

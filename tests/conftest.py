@@ -40,6 +40,16 @@ def cuda_device():
     return torch.device("cuda")
 
 
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def torch_threads(request):
+    """Run the test with 1 and with 2 intra-op threads (parallel kernels must give the same bits),
+    restoring the previous setting afterwards."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models train fastest on one thread (and no OpenMP spinning on a shared 2-core box)."""

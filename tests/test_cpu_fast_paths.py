@@ -13,16 +13,6 @@ from hf_compressed_optim.kernels import window_adam as WA
 from hf_compressed_optim.kernels.layout import TopKLayout
 
 
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def torch_threads(request):
-    """Run the test with 1 and with 2 intra-op threads (parallel kernels must give the same bits),
-    restoring the previous setting afterwards."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(old)
-
-
 def _topk_reference(x: torch.Tensor, k: int) -> torch.Tensor:
     """int64 [rows, k]: per row the k largest |x| (ties to the lowest index), ascending: a
     stable sort of the whole row by magnitude."""
@@ -108,7 +98,8 @@ def test_window_update_equals_unique_and_index_add(torch_threads):
     s = torch.zeros(pos.numel()).index_add_(0, inv.view(-1), (w2 * v.square()).view(-1))
     c1, c2 = WA.adam_coefficients(step, 0.9, 0.999)
     want = p0.clone()
-    want[pos] = p0[pos].sub_(m.mul_(c1).div_(s.mul_(c2).sqrt_().add_(1e-8)), alpha=1e-2)
+    root = s.mul_(c2).double().sqrt_().float()  # fp32 root rounded once (as the twin's)
+    want[pos] = p0[pos].sub_(m.mul_(c1).div_(root.add_(1e-8)), alpha=1e-2)
     assert torch.equal(got, want)
 
 

@@ -369,6 +369,24 @@ def test_error_feedback_compress_matches_twin(n, block, bucket, gdtype):
         _assert_equal_all(list(sa) + [ia, va], list(sb) + [ib, vb])
 
 
+@pytest.mark.parametrize("n,block,bucket", [(65, 64, 16), (1000, 100, 16)])
+def test_error_feedback_compress_keep_rounding_matches_twin(n, block, bucket):
+    """EFCP's variant (the residual keeps a - stored value at the kept entries): the Triton
+    version composes the single-op kernels and gives the twin's bits."""
+    layout = TopKLayout.create(n, block, 0.1)
+    sa = _qstate(n, bucket, seed=n)
+    sb = _clone(sa)
+    g = _randn(n, torch.float32, seed=n + 1)
+    ia, va = torch.zeros(layout.k, dtype=torch.int16), torch.zeros(layout.k, dtype=torch.bfloat16)
+    ib, vb = ia.clone(), va.clone()
+    EF.error_feedback_compress_triton(g, *sa, bucket, layout, ia, va, keep_rounding=True)
+    EF.error_feedback_compress(g, *sb, bucket, layout, ib, vb, keep_rounding=True)
+    _assert_equal_all(list(sa) + [ia, va], list(sb) + [ib, vb])
+    sc = _qstate(n, bucket, seed=n)  # and it differs from MicroAdam's (selected entries -> 0)
+    EF.error_feedback_compress(g, *sc, bucket, layout, ib, vb)
+    assert not all(torch.equal(x, y) for x, y in zip(sc, sb))
+
+
 def test_error_feedback_compress_first_step_and_window_rows():
     """Zero state (first step), a 2-D gradient, outputs being non-contiguous window columns."""
     n, bucket = 33 * 17, 16

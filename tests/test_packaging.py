@@ -33,6 +33,13 @@ def test_license_changelog_and_type_marker():
     assert "py.typed" in PYPROJECT["tool"]["setuptools"]["package-data"]["hf_compressed_optim"]
 
 
+def test_native_source_ships_with_the_package():
+    """The native kernels are built from their C source on first use: it must be in the wheel."""
+    data = PYPROJECT["tool"]["setuptools"]["package-data"]["hf_compressed_optim.kernels"]
+    assert "csrc/*.c" in data
+    assert list((ROOT / "hf_compressed_optim" / "kernels" / "csrc").glob("*.c"))
+
+
 def _figures(text: str) -> list[str]:
     """Ratios of BENCHMARKS.md: numbers followed by x / ×, and table cells (``| 6.73 (...) |``)."""
     return (re.findall(r"(?<![\w.])(\d+(?:\.\d+)?)\s?[x×](?!\w)", text)

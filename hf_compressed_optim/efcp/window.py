@@ -130,6 +130,17 @@ def compress_into_slot(state: dict, grad: torch.Tensor, slot: int) -> torch.Tens
     now holds); the error buffer becomes ``a - c``.
     """
     n = grad.numel()
+    if "ef_codes" in state and not uses_lowrank(state):
+        # top-k with the 4-bit error: MicroAdam's compression op, keeping the stored values'
+        # rounding in the error (one pass per block on the native and fused backends)
+        layout = layout_of(state, n)
+        idx, vals = state["window_indices"][slot], state["window_values"][slot]
+        K.error_feedback_compress(grad, state["ef_codes"], state["ef_min"], state["ef_max"],
+                                  state["quant_block"], layout, idx, vals, keep_rounding=True)
+        c = torch.zeros(n, dtype=torch.float32, device=grad.device)
+        if layout.k:
+            K.scatter_block_values(c, idx, vals.float(), layout)
+        return c
     acc = load_error(state, n).add_(grad.reshape(-1))
     if uses_lowrank(state):
         rows = state["window_left"].shape[1]
