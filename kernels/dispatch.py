@@ -9,8 +9,9 @@ Every op has a PyTorch twin and a Triton kernel in its module (:mod:`.quant4`, :
   a C compiler built them; else the PyTorch twin, quietly (no triton, no compiler, a backend
   that fails to initialise);
 * ``HCO_KERNEL_BACKEND=torch``: always the PyTorch twins;
-* ``HCO_KERNEL_BACKEND=native``: the native CPU loops for the ops that have them, the PyTorch
-  twins for the others; raises :class:`KernelBackendError` when the library cannot be built;
+* ``HCO_KERNEL_BACKEND=native``: the native loops for CPU tensors of the ops that have them, the
+  PyTorch twins for everything else; raises :class:`KernelBackendError` when the library cannot
+  be built;
 * ``HCO_KERNEL_BACKEND=triton``: always Triton. Where it cannot run (triton missing or failing
   to import, or a CPU tensor without ``TRITON_INTERPRET=1``) the call raises
   :class:`KernelBackendError` naming the op, the device and the alternative; a forced backend
