@@ -14,10 +14,11 @@ a gloo process group the script left alive and then waits until gloo's worker th
 (:func:`wait_for_gloo_workers`), for the collectives this package did not issue.
 
 ``dist.destroy_process_group()`` alone does not end those threads: it only unregisters the
-group, and the threads live as long as the C++ group object, which a ``DeviceMesh`` (so every
-FSDP2 / DTensor parameter), DDP, ZeRO and even an import of ``torch.distributed.checkpoint``
-keep referenced. A release that is still pending when the interpreter finalizes aborts the
-process as above, however the script ended.
+group, and the threads live as long as the C++ group object: a ``DeviceMesh`` (so every
+FSDP2 / DTensor parameter) keeps it, and after DDP, ZeRO or an import of
+``torch.distributed.checkpoint`` the threads stay even once those objects are gone (torch
+2.13). A release that is still pending when the interpreter finalizes aborts the process as
+above, however the script ended.
 """
 
 from __future__ import annotations
