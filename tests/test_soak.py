@@ -37,10 +37,13 @@ def test_all_reduce_returns_after_the_backend_released_the_tensor(one_rank_gloo)
     assert held == 0
 
 
-@pytest.mark.parametrize("name", ["SparseMFAC", "SparseGGT", "MicroAdam"])
-def test_every_collective_of_a_step_waits_for_the_release(one_rank_gloo, monkeypatch, name):
+@pytest.mark.parametrize("name,extra", [("SparseMFAC", {}), ("SparseGGT", {}), ("MicroAdam", {}),
+                                        ("MicroAdam", {"per_param_max_grad_norm": 0.1})])
+def test_every_collective_of_a_step_waits_for_the_release(one_rank_gloo, monkeypatch, name,
+                                                           extra):
     """On DTensor (FSDP2) parameters the step all-reduces finite flags (and, for EFCP, its
-    inner products): each of those goes through ``collectives.all_reduce``."""
+    inner products; with ``per_param_max_grad_norm``, each parameter's squared norm): each of
+    those goes through ``collectives.all_reduce``."""
     import hf_compressed_optim as hco
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -49,7 +52,7 @@ def test_every_collective_of_a_step_waits_for_the_release(one_rank_gloo, monkeyp
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(distribute_tensor(torch.randn(s, generator=gen), mesh,
                                                    [Shard(0)])) for s in [(9, 5), (5,)]]
-    opt = getattr(hco, name)(params, lr=1e-2, window_size=3, density=0.5)
+    opt = getattr(hco, name)(params, lr=1e-2, window_size=3, density=0.5, **extra)
     calls, waits = [], []
     raw, wait = dist.all_reduce, collectives.wait_until_released
     monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **k: calls.append(1) or raw(t, *a, **k))
@@ -60,6 +63,44 @@ def test_every_collective_of_a_step_waits_for_the_release(one_rank_gloo, monkeyp
             p.grad = distribute_tensor(torch.randn(p.shape, generator=gen), mesh, [Shard(0)])
         opt.step()
     assert len(calls) >= 3 and len(waits) == len(calls)
+
+
+needs_proc = pytest.mark.skipif(collectives.wait_for_gloo_workers() is None,
+                                reason="reads gloo's worker threads from /proc (Linux)")
+
+
+@needs_proc
+def test_wait_for_gloo_workers_covers_collectives_the_package_did_not_issue(one_rank_gloo):
+    """A plain ``dist.all_reduce`` returns with the tensor still held by gloo's worker in some
+    calls; once :func:`wait_for_gloo_workers` (what the exit hook runs) returns, the worker has
+    let go of it every time, so nothing is left for it to free while the interpreter finalizes."""
+    held = 0
+    for i in range(500):
+        t = torch.full((7,), float(i))
+        dist.all_reduce(t)
+        assert collectives.wait_for_gloo_workers() is True
+        held += t._use_count() > 1
+    assert held == 0
+
+
+@needs_proc
+def test_exit_hook_waits_for_workers_of_a_group_the_script_destroyed(monkeypatch):
+    """``destroy_process_group`` does not end gloo's worker threads while something references
+    the group (here a DeviceMesh, as every FSDP2 parameter does): the exit hook waits for them to
+    be idle even when the script destroyed its group itself (the benchmark's exit crash)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    before = len(collectives._gloo_worker_tids())
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    mesh = init_device_mesh("cpu", (1,))
+    dist.destroy_process_group()
+    assert len(collectives._gloo_worker_tids()) > before, "destroy ended the workers"
+    calls = []
+    monkeypatch.setattr(collectives, "wait_for_gloo_workers",
+                        lambda *a, **k: calls.append(1) or True)
+    collectives.destroy_gloo_group_at_exit()
+    assert calls == [1]
+    del mesh
 
 
 _EXIT_SCRIPT = """

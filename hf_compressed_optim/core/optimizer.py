@@ -289,7 +289,7 @@ class CompressedOptimizer(torch.optim.Optimizer):
         parameter; the norm of a sharded parameter is summed over its shards)."""
         sq = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
         if is_sharded(p) and dist.is_initialized():
-            dist.all_reduce(sq, group=self.engine.reduce_group)
+            all_reduce(sq, group=self.engine.reduce_group)
         grad.mul_(torch.clamp(max_norm / (sq.sqrt() + 1e-6), max=1.0))
 
     def _update(self, jobs: list[Job]) -> None:

@@ -186,6 +186,8 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump(data, f, indent=1)
     dist.barrier()
+    # gloo's worker threads outlive this while anything still references the group (the
+    # FSDP2 meshes, DDP); the package's exit hook waits until they are idle (issue #18)
     dist.destroy_process_group()
     return rows
 
