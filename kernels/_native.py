@@ -40,8 +40,8 @@ _SIGNATURES = {
                         _PTR, _PTR, _INT, _INT, _INT],
     "hco_window_adam": [_PTR, _INT, _PTR, _PTR, _INT, _I64, _I64, _PTR, _PTR, _I64, _I64, _I64,
                         _I64, _I64, _F32, _F32, _F32, _F32, _F32, _INT, _U32, _INT],
-    "hco_sparse_dot": [_PTR, _PTR, _INT, _PTR, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _PTR,
-                       _INT],
+    "hco_sparse_dot": [_PTR, _PTR, _INT, _PTR, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64,
+                       _PTR, _INT],
     "hco_sparse_combine": [_PTR, _PTR, _INT, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _I64,
                            _I64, _INT],
 }

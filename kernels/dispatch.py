@@ -49,6 +49,7 @@ _OPS = {
     "codebook_quantize_offdiag": (codebook, "quantize_offdiag"),
     "codebook_dequantize_offdiag": (codebook, "dequantize_offdiag"),
     "sparse_rows_dot": (sparse_rows, "sparse_rows_dot"),
+    "sparse_rows_dot_slot": (sparse_rows, "sparse_rows_dot_slot"),
     "sparse_rows_combine": (sparse_rows, "sparse_rows_combine"),
     "lowbit_adam_update": (lowbit_adam, "lowbit_adam_update"),
 }
@@ -56,7 +57,7 @@ _OPS = {
 
 #: ops with a native CPU version, ``name_native`` beside the twin (a C loop per top-k block)
 _NATIVE_OPS = frozenset({"error_feedback_compress", "window_adam_update", "sparse_rows_dot",
-                         "sparse_rows_combine"})
+                         "sparse_rows_dot_slot", "sparse_rows_combine"})
 
 
 class KernelBackendError(RuntimeError):
@@ -208,6 +209,12 @@ def sparse_rows_dot(idx: torch.Tensor, vals: torch.Tensor, layout: TopKLayout, x
                     nrows: int | None = None) -> torch.Tensor:
     """fp64 [nrows]: <row_i, x> of a sparse window (SP); see :mod:`.sparse_rows`."""
     return _impl("sparse_rows_dot", x)(idx, vals, layout, x, nrows)
+
+
+def sparse_rows_dot_slot(idx: torch.Tensor, vals: torch.Tensor, layout: TopKLayout, slot: int,
+                         nrows: int | None = None) -> torch.Tensor:
+    """fp64 [nrows]: <row_i, row_slot> of the window's own rows; see :mod:`.sparse_rows`."""
+    return _impl("sparse_rows_dot_slot", vals)(idx, vals, layout, slot, nrows)
 
 
 def sparse_rows_combine(idx: torch.Tensor, vals: torch.Tensor, layout: TopKLayout,

@@ -30,7 +30,7 @@ import torch
 from . import _native
 from ._triton import (FLOAT_DTYPES, LAUNCH, arg, block_geometry, chunk, flat, jit, load_f32,
                       on_device, tl, triton)
-from .layout import TopKLayout
+from .layout import MAX_INT16_BLOCK, TopKLayout
 from .topk import abs_positions, absolute_indices, col_args, row_entries
 
 #: elements of the per-chunk temporaries (gathered values, positions)
@@ -105,12 +105,27 @@ def sparse_rows_combine(idx: torch.Tensor, vals: torch.Tensor, layout: TopKLayou
 
 
 def _native_applies(idx: torch.Tensor, vals: torch.Tensor, layout: TopKLayout,
-                    dense: torch.Tensor) -> bool:
+                    dense: torch.Tensor | None) -> bool:
+    """Whether the native loops take this window (and the dense fp32 vector, if any)."""
+    tensors = (idx, vals) if dense is None else (idx, vals, dense)
     return (_native.library() is not None and idx.dtype == torch.int16 and idx.dim() == 2
             and vals.shape == idx.shape and vals.dtype in (torch.float32, torch.bfloat16)
-            and dense.dtype == torch.float32 and dense.numel() == layout.numel
-            and idx.shape[1] == layout.k
-            and all(t.device.type == "cpu" and t.is_contiguous() for t in (idx, vals, dense)))
+            and idx.shape[1] == layout.k and layout.block <= MAX_INT16_BLOCK
+            and (dense is None or (dense.dtype == torch.float32 and dense.numel() == layout.numel))
+            and all(t.device.type == "cpu" and t.is_contiguous() for t in tensors))
+
+
+def _dot_native(idx: torch.Tensor, vals: torch.Tensor, layout: TopKLayout,
+                x: torch.Tensor | None, slot: int, m: int) -> torch.Tensor:
+    out = torch.empty(m, dtype=torch.float64)
+    rc = _native.library().hco_sparse_dot(
+        idx.data_ptr(), vals.data_ptr(), vals.dtype == torch.bfloat16,
+        x.data_ptr() if x is not None else None, slot, layout.k, m, layout.block,
+        layout.num_full, layout.k_full, layout.tail, layout.k_tail, out.data_ptr(),
+        torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError("sparse_rows_dot_native: no memory for the row scratch")
+    return out
 
 
 def sparse_rows_dot_native(idx: torch.Tensor, vals: torch.Tensor, layout: TopKLayout,
@@ -119,14 +134,40 @@ def sparse_rows_dot_native(idx: torch.Tensor, vals: torch.Tensor, layout: TopKLa
     m, work = _rows(idx, nrows, layout)
     if not work or not _native_applies(idx, vals, layout, x):
         return sparse_rows_dot(idx, vals, layout, x, nrows)
-    out = torch.empty(m, dtype=torch.float64)
-    rc = _native.library().hco_sparse_dot(
-        idx.data_ptr(), vals.data_ptr(), vals.dtype == torch.bfloat16, x.data_ptr(), layout.k, m,
-        layout.block, layout.num_full, layout.k_full, layout.tail, layout.k_tail, out.data_ptr(),
-        torch.get_num_threads())
-    if rc != 0:
-        raise MemoryError("sparse_rows_dot_native: no memory for the row scratch")
-    return out
+    return _dot_native(idx, vals, layout, x, -1, m)
+
+
+def _slot_vector(idx: torch.Tensor, vals: torch.Tensor, layout: TopKLayout, slot: int
+                 ) -> torch.Tensor:
+    """fp32 [numel]: window row ``slot`` as a dense vector (zero off its entries)."""
+    c = torch.zeros(layout.numel, dtype=torch.float32, device=vals.device)
+    if layout.k:
+        c.scatter_(0, absolute_indices(idx[slot], layout), vals[slot].float())
+    return c
+
+
+def sparse_rows_dot_slot(idx: torch.Tensor, vals: torch.Tensor, layout: TopKLayout, slot: int,
+                         nrows: int | None = None) -> torch.Tensor:
+    """fp64 ``[nrows]``: ``<row_i, row_slot>`` of the window's own rows (EFCP's new Gram row):
+    :func:`sparse_rows_dot` with the dense vector of row ``slot``."""
+    return sparse_rows_dot(idx, vals, layout, _slot_vector(idx, vals, layout, slot), nrows)
+
+
+def sparse_rows_dot_slot_triton(idx: torch.Tensor, vals: torch.Tensor, layout: TopKLayout,
+                                slot: int, nrows: int | None = None) -> torch.Tensor:
+    """:func:`sparse_rows_dot_slot` with the Triton SP kernel."""
+    return sparse_rows_dot_triton(idx, vals, layout, _slot_vector(idx, vals, layout, slot), nrows)
+
+
+def sparse_rows_dot_slot_native(idx: torch.Tensor, vals: torch.Tensor, layout: TopKLayout,
+                                slot: int, nrows: int | None = None) -> torch.Tensor:
+    """Native CPU twin of :func:`sparse_rows_dot_slot` (same bits), without the dense vector:
+    each block of row ``slot`` is spread into a block-sized scratch while the rows read it."""
+    m, work = _rows(idx, nrows, layout)
+    if (not work or not 0 <= slot < idx.shape[0]
+            or not _native_applies(idx, vals, layout, None)):
+        return sparse_rows_dot_slot(idx, vals, layout, slot, nrows)
+    return _dot_native(idx, vals, layout, None, slot, m)
 
 
 def sparse_rows_combine_native(idx: torch.Tensor, vals: torch.Tensor, layout: TopKLayout,

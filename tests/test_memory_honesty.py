@@ -84,21 +84,26 @@ def test_walker_sees_a_module_level_workspace():
 
 def test_efcp_step_keeps_one_dense_compressed_copy_at_a_time(monkeypatch):
     """EFCP used to keep every parameter's dense fp32 compressed row in a list for the whole
-    step (4 bytes per parameter element, never used): each must be gone before the next."""
+    step (4 bytes per parameter element, never used): each must be gone before the next; with
+    the default 4-bit error no dense copy is made."""
     alive: list = []
+    returned: list = []
     original = W.compress_into_slot
 
     def tracking(state, grad, slot):
         c = original(state, grad, slot)
-        alive.append(weakref.ref(c))
+        returned.append(c is not None)
+        if c is not None:
+            alive.append(weakref.ref(c))
         return c
 
     monkeypatch.setattr(W, "compress_into_slot", tracking)
-    for cls in (SparseMFAC, SparseGGT):
+    for cls, ef_bits in ((SparseMFAC, 32), (SparseGGT, 32), (SparseMFAC, 4), (SparseGGT, 4)):
         torch.manual_seed(0)
         params = [torch.nn.Parameter(torch.randn(64, 32)) for _ in range(4)]
-        opt = cls(params, lr=1e-4, window_size=4)
+        opt = cls(params, lr=1e-4, window_size=4, ef_bits=ef_bits)
         alive.clear()
+        returned.clear()
         for p in params:
             p.grad = torch.randn_like(p)
         seen_alive = []
@@ -111,3 +116,5 @@ def test_efcp_step_keeps_one_dense_compressed_copy_at_a_time(monkeypatch):
         opt.step()
         monkeypatch.setattr(W, "compress_into_slot", tracking)
         assert seen_alive == [0, 0, 0, 0], (cls.__name__, seen_alive)
+        # the default 4-bit error: no dense copy at all (the new row is read in the window)
+        assert returned == [ef_bits != 4] * 4, (cls.__name__, ef_bits, returned)

@@ -168,6 +168,10 @@ def test_sparse_rows_match_twin(n, block, density, vdt, torch_threads):
         want = SR.sparse_rows_dot(idx, vals, layout, x, nrows)
         got = SR.sparse_rows_dot_native(idx, vals, layout, x, nrows)
         assert torch.equal(want.view(torch.int64), got.view(torch.int64))
+        if nrows:
+            want = SR.sparse_rows_dot_slot(idx, vals, layout, nrows - 1, nrows)
+            got = SR.sparse_rows_dot_slot_native(idx, vals, layout, nrows - 1, nrows)
+            assert torch.equal(want.view(torch.int64), got.view(torch.int64))
         out_want, out_got = x.clone(), x.clone()
         SR.sparse_rows_combine(idx, vals, layout, coeffs, out_want, nrows)
         SR.sparse_rows_combine_native(idx, vals, layout, coeffs, out_got, nrows)

@@ -61,6 +61,23 @@ def test_twins_match_dense_float64(case, vdtype):
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_slot_dots_are_dots_with_the_dense_row(case):
+    """<row_i, row_slot> (EFCP's new Gram row) without a dense copy: the same bits as SP with
+    the slot's dense vector, on every backend; and the dense float64 products."""
+    numel, block, density, m, nrows = case
+    layout, idx, vals = _window(numel, block, density, m, torch.bfloat16, seed=5)
+    slot = nrows - 1
+    dense = _dense_rows(idx, vals, layout, nrows)
+    want = S.sparse_rows_dot(idx, vals, layout, dense[slot].float(), nrows)
+    assert torch.equal(S.sparse_rows_dot_slot(idx, vals, layout, slot, nrows), want)
+    assert torch.equal(S.sparse_rows_dot_slot_native(idx, vals, layout, slot, nrows), want)
+    torch.testing.assert_close(want, dense @ dense[slot], rtol=1e-9, atol=1e-9)
+    if K.triton_available():
+        got = S.sparse_rows_dot_slot_triton(idx, vals, layout, slot, nrows)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 @needs_triton
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("vdtype", [torch.float32, torch.bfloat16])

@@ -149,7 +149,7 @@ class EFCPOptimizer(CompressedOptimizer):
     def _compress(state: dict, grad: torch.Tensor, slot: int, nrows: int, dev) -> torch.Tensor:
         """Stage 1 for one parameter: its slice of the new row; returns its inner products."""
         c = W.compress_into_slot(state, grad, slot)
-        return W.slot_dots(state, slot, c, nrows).to(dev)
+        return W.slot_dots(state, slot, c, nrows, grad.numel()).to(dev)
 
     def _finish_window(self, work, astate, count: int, views: dict, dots: torch.Tensor) -> None:
         """Stages 2-4 once every parameter's slice of the new row is in the window."""

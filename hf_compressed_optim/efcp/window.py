@@ -127,7 +127,8 @@ def compress_into_slot(state: dict, grad: torch.Tensor, slot: int) -> torch.Tens
     """Error feedback + compression of one parameter into ring row ``slot``.
 
     Returns the compressed accumulator ``c`` as a dense fp32 flat tensor (what the window row
-    now holds); the error buffer becomes ``a - c``.
+    now holds), or None for top-k with the 4-bit error (:func:`slot_dots` then reads the row
+    from the window, without a dense copy); the error buffer becomes ``a - c``.
     """
     n = grad.numel()
     if "ef_codes" in state and not uses_lowrank(state):
@@ -137,10 +138,7 @@ def compress_into_slot(state: dict, grad: torch.Tensor, slot: int) -> torch.Tens
         idx, vals = state["window_indices"][slot], state["window_values"][slot]
         K.error_feedback_compress(grad, state["ef_codes"], state["ef_min"], state["ef_max"],
                                   state["quant_block"], layout, idx, vals, keep_rounding=True)
-        c = torch.zeros(n, dtype=torch.float32, device=grad.device)
-        if layout.k:
-            K.scatter_block_values(c, idx, vals.float(), layout)
-        return c
+        return None  # the row is in the window: slot_dots reads it there
     acc = load_error(state, n).add_(grad.reshape(-1))
     if uses_lowrank(state):
         rows = state["window_left"].shape[1]
@@ -177,13 +175,18 @@ def clear_slot(state: dict, slot: int) -> None:
         state["window_values"][slot].zero_()
 
 
-def slot_dots(state: dict, slot: int, c: torch.Tensor, nrows: int) -> torch.Tensor:
-    """fp64 [nrows]: <row_i, c> of this parameter's slice, ``c`` being the slot's own row."""
+def slot_dots(state: dict, slot: int, c: torch.Tensor | None, nrows: int,
+              numel: int) -> torch.Tensor:
+    """fp64 [nrows]: <row_i, c> of this parameter's slice (``numel`` elements), ``c`` being the
+    slot's own row (None: read it from the window)."""
     if uses_lowrank(state):
         return LR.factor_dots(state["window_left"], state["window_right"],
                               state["window_left"][slot].float(),
                               state["window_right"][slot].float(), nrows)
-    layout = layout_of(state, c.numel())
+    layout = layout_of(state, numel)
+    if c is None:
+        return K.sparse_rows_dot_slot(state["window_indices"], state["window_values"], layout,
+                                      slot, nrows)
     return K.sparse_rows_dot(state["window_indices"], state["window_values"], layout, c, nrows)
 
 

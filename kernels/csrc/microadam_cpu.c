@@ -410,10 +410,12 @@ int hco_window_adam(void *param, int param_mode, const int16_t *idx, const void 
 /* ---- EFCP's window passes ------------------------------------------------------------------- */
 /* SP: dots[r] = sum_j vals[r, j] * x[pos(r, j)] for r < nrows: fp64 products (exact), summed
  * as the twin's tree (sparse_rows._tree_sum: zero-padded to a power of two, halved until one
- * is left). Rows are split over threads, each with a row-sized scratch. */
+ * is left). With `slot` >= 0, x is the window's own row `slot` as a dense vector (zero off its
+ * entries), built per block in a block-sized scratch instead of in memory. Rows are split over
+ * threads, each with a row-sized scratch. */
 int hco_sparse_dot(const int16_t *idx, const void *vals, int vals_bf16, const float *x,
-                   int64_t k, int64_t nrows, int64_t block, int64_t num_full, int64_t k_full,
-                   int64_t tail, int64_t k_tail, double *dots, int threads) {
+                   int64_t slot, int64_t k, int64_t nrows, int64_t block, int64_t num_full,
+                   int64_t k_full, int64_t tail, int64_t k_tail, double *dots, int threads) {
     int64_t nblocks = num_full + (tail > 0);
     int64_t width = 1;
     while (width < k) width *= 2;
@@ -424,7 +426,8 @@ int hco_sparse_dot(const int16_t *idx, const void *vals, int vals_bf16, const fl
 #endif
     {
         double *prod = malloc((size_t)width * sizeof(double));
-        if (!prod) {
+        float *row = slot >= 0 ? calloc((size_t)block + 1, sizeof(float)) : NULL;
+        if (!prod || (slot >= 0 && !row)) {
 #ifdef _OPENMP
 #pragma omp atomic write
 #endif
@@ -439,9 +442,15 @@ int hco_sparse_dot(const int16_t *idx, const void *vals, int vals_bf16, const fl
             for (int64_t b = 0; b < nblocks; b++) {
                 int64_t kb = b < num_full ? k_full : k_tail;
                 const int16_t *ri = idx + r * k + b * k_full;
-                const float *xb = x + b * block;
+                const float *xb = x ? x + b * block : row;
+                const int16_t *si = idx + slot * k + b * k_full;
+                if (!x)
+                    for (int64_t e = 0; e < kb; e++)
+                        row[si[e]] = load_val(vals, vals_bf16, slot * k + b * k_full + e);
                 for (int64_t e = 0; e < kb; e++, j++)
                     prod[j] = (double)load_val(vals, vals_bf16, r * k + j) * (double)xb[ri[e]];
+                if (!x)
+                    for (int64_t e = 0; e < kb; e++) row[si[e]] = 0.0f;
             }
             for (; j < width; j++) prod[j] = 0.0;
             for (int64_t h = width / 2; h >= 1; h /= 2)
@@ -449,6 +458,7 @@ int hco_sparse_dot(const int16_t *idx, const void *vals, int vals_bf16, const fl
             dots[r] = prod[0];
         }
         free(prod);
+        free(row);
     }
     return failed ? -1 : 0;
 }

@@ -102,6 +102,7 @@ BREAKDOWN_OPS = (("quant4", "dequantize4"), ("quant4", "quantize4"), ("topk", "b
                  ("error_feedback", "error_feedback_compress_native"),
                  ("window_adam", "window_adam_update_native"),
                  ("sparse_rows", "sparse_rows_dot_native"),
+                 ("sparse_rows", "sparse_rows_dot_slot_native"),
                  ("sparse_rows", "sparse_rows_combine_native"))
 
 
@@ -154,11 +155,21 @@ def child_ratios(root: str, names: list[str], rounds: int, block: int) -> dict:
             for n in names}
 
 
-def run_ratios(root: str, names: list[str], rounds: int, block: int) -> dict:
+#: glibc malloc settings of the ``--ratios`` children (``--default-malloc``: none). With glibc's
+#: dynamic thresholds an 8 MiB temporary is sometimes reused and sometimes a fresh, page-faulting
+#: mapping, depending on what else the process freed: AdamW's step measured 17 ms in one process
+#: and 33-34 ms in every round of another. Fixed at 32 MiB (the dynamic threshold's ceiling),
+#: every optimizer's temporaries are reused, as they are in a long run once the threshold rose.
+STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
+
+
+def run_ratios(root: str, names: list[str], rounds: int, block: int,
+               default_malloc: bool = False) -> dict:
+    env = dict(os.environ) if default_malloc else {**os.environ, **STEADY_MALLOC}
     out = subprocess.run([sys.executable, "-m", "recipes.benchmarks.step_ab", "--child-ratios",
                           ",".join(names), "--root", root, "--rounds", str(rounds),
                           "--block", str(block)], cwd=REPO, capture_output=True, text=True,
-                         timeout=3600, check=True)
+                         timeout=3600, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -166,15 +177,21 @@ def ratios(args) -> dict:
     names = ["adamw"] + [n for n in args.optimizers if n != "adamw"]
     roots = [("candidate", args.candidate)] + ([("baseline", args.baseline)]
                                                if args.baseline else [])
-    res = {which: run_ratios(os.path.abspath(root), names, args.rounds, args.block)
+    res = {which: run_ratios(os.path.abspath(root), names, args.rounds, args.block,
+                             args.default_malloc)
            for which, root in roots}
     for which, r in res.items():
         base = r["adamw"]
         for n in names:
             r[n]["ratio_wall"] = r[n]["wall_ms"] / base["wall_ms"]
             r[n]["ratio_cpu"] = r[n]["cpu_ms"] / base["cpu_ms"]
+            # the median of each round's own ratio: AdamW ran next to it in that round, so
+            # slow phases of a shared machine cancel better than in the ratio of medians
+            r[n]["ratio_cpu_paired"] = statistics.median(
+                c / a for c, a in zip(r[n]["cpu_rounds"], base["cpu_rounds"]))
             print(f"{which:9s} {n:10s} wall {r[n]['wall_ms']:7.1f} ms ({r[n]['ratio_wall']:.2f}x)"
-                  f"  cpu {r[n]['cpu_ms']:7.1f} ms ({r[n]['ratio_cpu']:.2f}x)  "
+                  f"  cpu {r[n]['cpu_ms']:7.1f} ms ({r[n]['ratio_cpu']:.2f}x, per round "
+                  f"{r[n]['ratio_cpu_paired']:.2f}x)  "
                   + ", ".join(f"{fn} {ms:.1f}" for fn, ms in r[n]["ops_cpu_ms"].items()))
     print(json.dumps(res))
     return res
@@ -197,6 +214,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--ratios", action="store_true",
                     help="every optimizer against AdamW in one process, rounds interleaved")
     ap.add_argument("--block", type=int, default=3, help="steps per optimizer per round (--ratios)")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="(--ratios) leave glibc's malloc thresholds dynamic (see STEADY_MALLOC)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--child-ratios", help=argparse.SUPPRESS)
     ap.add_argument("--root", help=argparse.SUPPRESS)
