@@ -43,7 +43,7 @@ _SIGNATURES = {
     "hco_sparse_dot": [_PTR, _PTR, _INT, _PTR, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64,
                        _PTR, _INT],
     "hco_sparse_combine": [_PTR, _PTR, _INT, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _I64,
-                           _I64, _INT],
+                           _I64, _INT, _INT],
 }
 
 _state: dict = {}  # "lib": the loaded library or None, "why": the reason it is None

@@ -218,9 +218,11 @@ def sparse_rows_dot_slot(idx: torch.Tensor, vals: torch.Tensor, layout: TopKLayo
 
 
 def sparse_rows_combine(idx: torch.Tensor, vals: torch.Tensor, layout: TopKLayout,
-                        coeffs: torch.Tensor, out: torch.Tensor, nrows: int | None = None) -> None:
-    """out += sum_i coeffs[i] * row_i (LCG, scatter-add into dense fp32 ``out``)."""
-    return _impl("sparse_rows_combine", out)(idx, vals, layout, coeffs, out, nrows)
+                        coeffs: torch.Tensor, out: torch.Tensor, nrows: int | None = None,
+                        zero_first: bool = False) -> None:
+    """out += sum_i coeffs[i] * row_i (LCG, scatter-add into dense fp32 ``out``; ``zero_first``:
+    ``out`` may be uninitialised and is zeroed first)."""
+    return _impl("sparse_rows_combine", out)(idx, vals, layout, coeffs, out, nrows, zero_first)
 
 
 def lowbit_adam_update(param: torch.Tensor, grad: torch.Tensor, m_codes: torch.Tensor,

@@ -91,9 +91,13 @@ def sparse_rows_dot(idx: torch.Tensor, vals: torch.Tensor, layout: TopKLayout, x
 
 
 def sparse_rows_combine(idx: torch.Tensor, vals: torch.Tensor, layout: TopKLayout,
-                        coeffs: torch.Tensor, out: torch.Tensor, nrows: int | None = None) -> None:
-    """In place: ``out`` (fp32, ``numel`` elements) ``+= sum_{i < nrows} coeffs[i] * row_i``."""
+                        coeffs: torch.Tensor, out: torch.Tensor, nrows: int | None = None,
+                        zero_first: bool = False) -> None:
+    """In place: ``out`` (fp32, ``numel`` elements) ``+= sum_{i < nrows} coeffs[i] * row_i``;
+    ``zero_first``: ``out`` is zeroed first (it may be uninitialised)."""
     m, work = _rows(idx, nrows, layout, out)
+    if zero_first:
+        out.zero_()
     if not work:
         return
     flat_out = out.view(-1)
@@ -172,17 +176,18 @@ def sparse_rows_dot_slot_native(idx: torch.Tensor, vals: torch.Tensor, layout: T
 
 def sparse_rows_combine_native(idx: torch.Tensor, vals: torch.Tensor, layout: TopKLayout,
                                coeffs: torch.Tensor, out: torch.Tensor,
-                               nrows: int | None = None) -> None:
-    """Native CPU twin of :func:`sparse_rows_combine` (same bits); the twin where it does not
+                               nrows: int | None = None, zero_first: bool = False) -> None:
+    """Native CPU twin of :func:`sparse_rows_combine` (same bits; ``zero_first`` clears each
+    block just before adding into it, while it is in cache); the twin where it does not
     apply."""
     m, work = _rows(idx, nrows, layout, out)
     if not work or not _native_applies(idx, vals, layout, out):
-        return sparse_rows_combine(idx, vals, layout, coeffs, out, nrows)
+        return sparse_rows_combine(idx, vals, layout, coeffs, out, nrows, zero_first)
     c = coeffs[:m].to(device="cpu", dtype=torch.float32).contiguous()
     _native.library().hco_sparse_combine(
         idx.data_ptr(), vals.data_ptr(), vals.dtype == torch.bfloat16, c.data_ptr(),
         out.data_ptr(), layout.k, m, layout.block, layout.num_full, layout.k_full, layout.tail,
-        layout.k_tail, torch.get_num_threads())
+        layout.k_tail, bool(zero_first), torch.get_num_threads())
 
 
 @jit
@@ -248,9 +253,11 @@ def sparse_rows_dot_triton(idx: torch.Tensor, vals: torch.Tensor, layout: TopKLa
 @on_device
 def sparse_rows_combine_triton(idx: torch.Tensor, vals: torch.Tensor, layout: TopKLayout,
                                coeffs: torch.Tensor, out: torch.Tensor,
-                               nrows: int | None = None) -> None:
+                               nrows: int | None = None, zero_first: bool = False) -> None:
     """Triton twin of :func:`sparse_rows_combine`."""
     m, work = _rows(idx, nrows, layout, out)
+    if zero_first:
+        out.zero_()
     if not work:
         return
     if vals.dtype not in FLOAT_DTYPES:

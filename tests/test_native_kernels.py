@@ -176,6 +176,14 @@ def test_sparse_rows_match_twin(n, block, density, vdt, torch_threads):
         SR.sparse_rows_combine(idx, vals, layout, coeffs, out_want, nrows)
         SR.sparse_rows_combine_native(idx, vals, layout, coeffs, out_got, nrows)
         assert torch.equal(out_want.view(torch.int32), out_got.view(torch.int32))
+        # into an uninitialised buffer (NaN here): cleared first, as adding into zeros
+        fresh_want, fresh_got = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
+        SR.sparse_rows_combine(idx, vals, layout, coeffs, fresh_want, nrows, zero_first=True)
+        SR.sparse_rows_combine_native(idx, vals, layout, coeffs, fresh_got, nrows, zero_first=True)
+        zeros = torch.zeros_like(x)
+        SR.sparse_rows_combine(idx, vals, layout, coeffs, zeros, nrows)
+        assert torch.equal(fresh_want, zeros)
+        assert torch.equal(fresh_want.view(torch.int32), fresh_got.view(torch.int32))
 
 
 def test_tree_sum_order():

@@ -96,6 +96,9 @@ def test_triton_matches_twin(case, vdtype, xdtype):
     S.sparse_rows_combine(idx, vals, layout, coeffs, want_out, nrows)
     S.sparse_rows_combine_triton(idx, vals, layout, coeffs, got_out, nrows)
     torch.testing.assert_close(got_out, want_out, rtol=1e-6, atol=1e-6)
+    fresh = torch.full((numel,), float("nan"))  # uninitialised: zeroed first
+    S.sparse_rows_combine_triton(idx, vals, layout, coeffs, fresh, nrows, zero_first=True)
+    torch.testing.assert_close(fresh, want_out - base, rtol=1e-5, atol=1e-5)
 
 
 @needs_triton

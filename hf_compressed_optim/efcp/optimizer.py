@@ -262,8 +262,8 @@ class EFCPOptimizer(CompressedOptimizer):
                    s: float, update_momentum: bool) -> torch.Tensor:
         """The preconditioned direction ``u`` of one parameter (l2 term and momentum included);
         ``update_momentum=False`` leaves the momentum buffer as it is."""
-        u = torch.zeros(pl.numel(), dtype=torch.float32, device=pl.device)
-        W.combine(state, coeffs, nrows, u)
+        u = torch.empty(pl.numel(), dtype=torch.float32, device=pl.device)
+        W.combine(state, coeffs, nrows, u, zero_first=True)
         wd = as_float(group["weight_decay"])
         if group["wd_mode"] == "l2" and wd != 0.0:
             u.add_(pl.reshape(-1).float(), alpha=s * wd)

@@ -201,13 +201,18 @@ def dense_dots(state: dict, x: torch.Tensor, nrows: int) -> torch.Tensor:
                              x.reshape(-1), nrows)
 
 
-def combine(state: dict, coeffs: torch.Tensor, nrows: int, out: torch.Tensor) -> None:
-    """``out`` (fp32 flat, contiguous) += sum_i coeffs[i] row_i of this parameter's slice."""
+def combine(state: dict, coeffs: torch.Tensor, nrows: int, out: torch.Tensor,
+            zero_first: bool = False) -> None:
+    """``out`` (fp32 flat, contiguous) += sum_i coeffs[i] row_i of this parameter's slice;
+    ``zero_first``: ``out`` may be uninitialised and is zeroed first (the native loop clears
+    each block while it is in cache instead of in a separate pass)."""
     if uses_lowrank(state):
+        if zero_first:
+            out.zero_()
         rows = state["window_left"].shape[1]
         LR.combine_(state["window_left"], state["window_right"], coeffs, nrows,
                     out.view(rows, -1))
         return
     layout = layout_of(state, out.numel())
     K.sparse_rows_combine(state["window_indices"], state["window_values"], layout, coeffs, out,
-                          nrows)
+                          nrows, zero_first)

@@ -365,6 +365,8 @@ int hco_window_adam(void *param, int param_mode, const int16_t *idx, const void 
             for (int64_t r = 0; r < nrows; r++) {
                 float a1 = w1[r], a2 = w2[r];
                 const int16_t *ri = idx + r * k + col0;
+                /* indices are unique within a row's block (top-k): vector gathers/scatters */
+#pragma GCC ivdep
                 for (int64_t j = 0; j < kb; j++) {
                     int64_t i = ri[j];
                     float x = load_val(vals, vals_bf16, r * k + col0 + j);
@@ -464,10 +466,12 @@ int hco_sparse_dot(const int16_t *idx, const void *vals, int vals_bf16, const fl
 }
 
 /* LCG: out[pos(r, j)] += fp32(coeffs[r] * vals[r, j]), rows in order; blocks split over
- * threads (a block's entries stay in one thread, so every element sums in row order). */
+ * threads (a block's entries stay in one thread, so every element sums in row order).
+ * `zero_first`: each block of `out` is cleared just before (it may be uninitialised). */
 int hco_sparse_combine(const int16_t *idx, const void *vals, int vals_bf16, const float *coeffs,
                        float *out, int64_t k, int64_t nrows, int64_t block, int64_t num_full,
-                       int64_t k_full, int64_t tail, int64_t k_tail, int threads) {
+                       int64_t k_full, int64_t tail, int64_t k_tail, int zero_first,
+                       int threads) {
     int64_t nblocks = num_full + (tail > 0);
 #ifdef _OPENMP
     if (threads < 1) threads = 1;
@@ -477,12 +481,21 @@ int hco_sparse_combine(const int16_t *idx, const void *vals, int vals_bf16, cons
         int64_t kb = b < num_full ? k_full : k_tail;
         int64_t col0 = b * k_full;
         float *o = out + b * block;
+        if (zero_first) memset(o, 0, (size_t)(b < num_full ? block : tail) * sizeof(float));
         for (int64_t r = 0; r < nrows; r++) {
             float c = coeffs[r];
             const int16_t *ri = idx + r * k + col0;
-            for (int64_t j = 0; j < kb; j++) {
-                float prod = load_val(vals, vals_bf16, r * k + col0 + j) * c;
-                o[ri[j]] += prod;
+            /* indices are unique within a row's block (top-k), so the compiler may gather and
+             * scatter a vector at a time (rows never written hold zeros: a repeated index
+             * there only adds zeros) */
+            if (vals_bf16) {
+                const uint16_t *vr = (const uint16_t *)vals + r * k + col0;
+#pragma GCC ivdep
+                for (int64_t j = 0; j < kb; j++) o[ri[j]] += bf16_to_f32(vr[j]) * c;
+            } else {
+                const float *vr = (const float *)vals + r * k + col0;
+#pragma GCC ivdep
+                for (int64_t j = 0; j < kb; j++) o[ri[j]] += vr[j] * c;
             }
         }
     }
