@@ -56,9 +56,6 @@ static inline void store_val(void *p, int bf16, int64_t i, float v) {
         ((float *)p)[i] = v;
 }
 
-/* magnitude order of torch.topk on |x|: the bit pattern without the sign (NaN above inf) */
-static inline uint32_t mag_bits(float x) { return f32_bits(x) & 0x7FFFFFFFu; }
-
 /* The k-th largest of a[0..n) (1 <= k <= n), by quickselect; reorders a. */
 static uint32_t kth_largest(uint32_t *a, int64_t n, int64_t k) {
     int64_t lo = 0, hi = n - 1, target = k - 1;
@@ -85,6 +82,8 @@ static uint32_t kth_largest(uint32_t *a, int64_t n, int64_t k) {
     return a[lo];
 }
 
+/* the twin's filter constants (topk.py); the magnitude order is torch.topk's on |x|: the bit
+ * pattern without the sign (NaN above inf) */
 #define FILTER_STRIDE 8
 #define LEVEL_BINS 1024 /* histogram bins below the block's largest magnitude, */
 #define LEVEL_SHIFT 16  /* each 2^16 float ulps (1/128 octave) wide */
