@@ -197,6 +197,9 @@ def window_adam_update_native(param: torch.Tensor, idx: torch.Tensor, vals: torc
                              _seed32(sr_seed) if sr else 0, torch.get_num_threads())
     if rc != 0:
         raise MemoryError("window_adam_update_native: no memory for the block scratch")
+    # the loop wrote behind autograd's back: bump the version counter as an in-place op does
+    if not param.is_inference():  # inference tensors keep no version counter
+        torch.autograd.graph.increment_version(param)
 
 
 # ---- Triton kernel ------------------------------------------------------------------------------

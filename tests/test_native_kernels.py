@@ -134,6 +134,17 @@ def test_window_update_matches_twin(n, block, step, pdtype, sr, wd, torch_thread
     assert not torch.equal(got, p0) or n == 1  # one bf16 element may not move
 
 
+def test_window_update_bumps_the_version_counter():
+    """Like an in-place torch op, so autograd notices a parameter changed under a saved graph."""
+    g = _gen(7)
+    layout = TopKLayout.create(300, 64, 0.2)
+    idx, vals = _window(layout, 3, torch.bfloat16, g)
+    p = torch.randn(300, generator=g)
+    before = p._version
+    WA.window_adam_update_native(p, idx, vals, layout, 3, 0.9, 0.999, 1e-8, 1e-2, 0.0)
+    assert p._version > before
+
+
 def test_window_update_dense_term_runs_the_twin():
     g = _gen(3)
     layout = TopKLayout.create(500, 64, 0.2)
