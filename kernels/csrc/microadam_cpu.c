@@ -14,9 +14,31 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* OpenMP directives that vanish in a build without OpenMP */
 #ifdef _OPENMP
-#include <omp.h>
+#define OMP(directive) _Pragma(#directive)
+#else
+#define OMP(directive)
 #endif
+
+/* Block b of a top-k layout: its first element, length, entries per window row, and its first
+ * column in a row (full blocks of `block` elements with `k_full` entries, then the tail) */
+typedef struct {
+    int64_t start, len, k, col0;
+} TopKBlock;
+
+static inline TopKBlock topk_block(int64_t b, int64_t block, int64_t num_full, int64_t k_full,
+                                   int64_t tail, int64_t k_tail) {
+    TopKBlock g = {b * block, b < num_full ? block : tail, b < num_full ? k_full : k_tail,
+                   b * k_full};
+    return g;
+}
+
+/* a thread's scratch could not be allocated: every thread skips its remaining blocks */
+static inline void mark_failed(int *failed) {
+    OMP(omp atomic write)
+    *failed = 1;
+}
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -226,30 +248,21 @@ int hco_ef_compress(const void *grad, int grad_bf16, uint8_t *codes, void *mins,
     int64_t nblocks = num_full + (tail > 0);
     int64_t width = num_full ? block : tail;
     int failed = 0;
-#ifdef _OPENMP
     if (threads < 1) threads = 1;
-#pragma omp parallel num_threads(threads) if (threads > 1 && nblocks > 1)
-#endif
+    OMP(omp parallel num_threads(threads) if (threads > 1 && nblocks > 1))
     {
         float *acc = malloc((size_t)(width + 1) * sizeof(float));
         uint8_t *qc = malloc((size_t)(width + 1));
         uint32_t *work = malloc((size_t)4 * (width + 1) * sizeof(uint32_t));
         int16_t *sel = malloc((size_t)(width + 1) * sizeof(int16_t));
         if (!acc || !qc || !work || !sel) {
-#ifdef _OPENMP
-#pragma omp atomic write
-#endif
-            failed = 1;
+            mark_failed(&failed);
         }
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
+        OMP(omp for schedule(static))
         for (int64_t b = 0; b < nblocks; b++) {
             if (failed) continue;
-            int64_t start = b * block;
-            int64_t len = b < num_full ? block : tail;
-            int64_t k = b < num_full ? k_full : k_tail;
-            int64_t col0 = b * k_full;
+            TopKBlock g = topk_block(b, block, num_full, k_full, tail, k_tail);
+            int64_t start = g.start, len = g.len, k = g.k, col0 = g.col0;
             /* 1. a = (code * step + min) + g, bucket by bucket (buckets are even) */
             for (int64_t o = 0; o < len; o += bucket) {
                 int64_t q = (start + o) / bucket;
@@ -338,29 +351,20 @@ int hco_window_adam(void *param, int param_mode, const int16_t *idx, const void 
     int64_t width = num_full ? block : tail;
     int pbf = param_mode != 0;
     int failed = 0;
-#ifdef _OPENMP
     if (threads < 1) threads = 1;
-#pragma omp parallel num_threads(threads) if (threads > 1 && nblocks > 1)
-#endif
+    OMP(omp parallel num_threads(threads) if (threads > 1 && nblocks > 1))
     {
         float *m = calloc((size_t)(width + 1), sizeof(float));
         float *v = calloc((size_t)(width + 1), sizeof(float));
         uint8_t *hit = calloc((size_t)(width + 1), 1);
         if (!m || !v || !hit) {
-#ifdef _OPENMP
-#pragma omp atomic write
-#endif
-            failed = 1;
+            mark_failed(&failed);
         }
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
+        OMP(omp for schedule(static))
         for (int64_t b = 0; b < nblocks; b++) {
             if (failed) continue;
-            int64_t start = b * block;
-            int64_t len = b < num_full ? block : tail;
-            int64_t kb = b < num_full ? k_full : k_tail;
-            int64_t col0 = b * k_full;
+            TopKBlock g = topk_block(b, block, num_full, k_full, tail, k_tail);
+            int64_t start = g.start, len = g.len, kb = g.k, col0 = g.col0;
             for (int64_t r = 0; r < nrows; r++) {
                 float a1 = w1[r], a2 = w2[r];
                 const int16_t *ri = idx + r * k + col0;
@@ -421,37 +425,30 @@ int hco_sparse_dot(const int16_t *idx, const void *vals, int vals_bf16, const fl
     int64_t width = 1;
     while (width < k) width *= 2;
     int failed = 0;
-#ifdef _OPENMP
     if (threads < 1) threads = 1;
-#pragma omp parallel num_threads(threads) if (threads > 1 && nrows > 1)
-#endif
+    OMP(omp parallel num_threads(threads) if (threads > 1 && nrows > 1))
     {
         double *prod = malloc((size_t)width * sizeof(double));
         float *row = slot >= 0 ? calloc((size_t)block + 1, sizeof(float)) : NULL;
         if (!prod || (slot >= 0 && !row)) {
-#ifdef _OPENMP
-#pragma omp atomic write
-#endif
-            failed = 1;
+            mark_failed(&failed);
         }
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
+        OMP(omp for schedule(static))
         for (int64_t r = 0; r < nrows; r++) {
             if (failed) continue;
             int64_t j = 0;
             for (int64_t b = 0; b < nblocks; b++) {
-                int64_t kb = b < num_full ? k_full : k_tail;
-                const int16_t *ri = idx + r * k + b * k_full;
-                const float *xb = x ? x + b * block : row;
-                const int16_t *si = idx + slot * k + b * k_full;
+                TopKBlock g = topk_block(b, block, num_full, k_full, tail, k_tail);
+                const int16_t *ri = idx + r * k + g.col0;
+                const float *xb = x ? x + g.start : row;
+                const int16_t *si = idx + slot * k + g.col0;
                 if (!x)
-                    for (int64_t e = 0; e < kb; e++)
-                        row[si[e]] = load_val(vals, vals_bf16, slot * k + b * k_full + e);
-                for (int64_t e = 0; e < kb; e++, j++)
+                    for (int64_t e = 0; e < g.k; e++)
+                        row[si[e]] = load_val(vals, vals_bf16, slot * k + g.col0 + e);
+                for (int64_t e = 0; e < g.k; e++, j++)
                     prod[j] = (double)load_val(vals, vals_bf16, r * k + j) * (double)xb[ri[e]];
                 if (!x)
-                    for (int64_t e = 0; e < kb; e++) row[si[e]] = 0.0f;
+                    for (int64_t e = 0; e < g.k; e++) row[si[e]] = 0.0f;
             }
             for (; j < width; j++) prod[j] = 0.0;
             for (int64_t h = width / 2; h >= 1; h /= 2)
@@ -472,15 +469,13 @@ int hco_sparse_combine(const int16_t *idx, const void *vals, int vals_bf16, cons
                        int64_t k_full, int64_t tail, int64_t k_tail, int zero_first,
                        int threads) {
     int64_t nblocks = num_full + (tail > 0);
-#ifdef _OPENMP
     if (threads < 1) threads = 1;
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && nblocks > 1)
-#endif
+    OMP(omp parallel for schedule(static) num_threads(threads) if (threads > 1 && nblocks > 1))
     for (int64_t b = 0; b < nblocks; b++) {
-        int64_t kb = b < num_full ? k_full : k_tail;
-        int64_t col0 = b * k_full;
-        float *o = out + b * block;
-        if (zero_first) memset(o, 0, (size_t)(b < num_full ? block : tail) * sizeof(float));
+        TopKBlock g = topk_block(b, block, num_full, k_full, tail, k_tail);
+        int64_t kb = g.k, col0 = g.col0;
+        float *o = out + g.start;
+        if (zero_first) memset(o, 0, (size_t)g.len * sizeof(float));
         for (int64_t r = 0; r < nrows; r++) {
             float c = coeffs[r];
             const int16_t *ri = idx + r * k + col0;
