@@ -136,6 +136,13 @@ def library() -> ctypes.CDLL | None:
     return _state["lib"]
 
 
+def takes(*tensors) -> bool:
+    """Whether the native loops can run on ``tensors``: the library is loaded and every tensor
+    is a contiguous CPU tensor (the loops read raw pointers). Each op adds its dtype checks."""
+    return library() is not None and all(t.device.type == "cpu" and t.is_contiguous()
+                                         for t in tensors)
+
+
 def unavailable() -> str | None:
     """None when :func:`library` works, else why it does not (builds on the first call)."""
     library()

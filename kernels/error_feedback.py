@@ -61,14 +61,12 @@ def native_compress_applies(grad: torch.Tensor, codes: torch.Tensor, mins: torch
     """Whether the native loop takes this call: library built, CPU contiguous tensors, fp32/bf16
     data, int16 indices, and every top-k block starting on a quantization-bucket boundary."""
     stats = (torch.bfloat16, torch.float32)
-    return (_native.library() is not None and layout.numel > 0
-            and grad.numel() == layout.numel and bucket >= 2 and bucket % 2 == 0
+    return (layout.numel > 0 and grad.numel() == layout.numel and bucket >= 2 and bucket % 2 == 0
             and (layout.block % bucket == 0 or (layout.num_full == 1 and layout.tail == 0))
             and grad.dtype in stats and mins.dtype in stats and maxs.dtype == mins.dtype
             and val_out.dtype in stats and codes.dtype == torch.uint8
             and idx_out.dtype == torch.int16 and layout.block <= MAX_INT16_BLOCK
-            and all(t.device.type == "cpu" and t.is_contiguous()
-                    for t in (grad, codes, mins, maxs, idx_out, val_out)))
+            and _native.takes(grad, codes, mins, maxs, idx_out, val_out))
 
 
 def compress_native(grad: torch.Tensor, codes: torch.Tensor, mins: torch.Tensor,

@@ -112,11 +112,11 @@ def _native_applies(idx: torch.Tensor, vals: torch.Tensor, layout: TopKLayout,
                     dense: torch.Tensor | None) -> bool:
     """Whether the native loops take this window (and the dense fp32 vector, if any)."""
     tensors = (idx, vals) if dense is None else (idx, vals, dense)
-    return (_native.library() is not None and idx.dtype == torch.int16 and idx.dim() == 2
+    return (idx.dtype == torch.int16 and idx.dim() == 2
             and vals.shape == idx.shape and vals.dtype in (torch.float32, torch.bfloat16)
             and idx.shape[1] == layout.k and layout.block <= MAX_INT16_BLOCK
             and (dense is None or (dense.dtype == torch.float32 and dense.numel() == layout.numel))
-            and all(t.device.type == "cpu" and t.is_contiguous() for t in tensors))
+            and _native.takes(*tensors))
 
 
 def _dot_native(idx: torch.Tensor, vals: torch.Tensor, layout: TopKLayout,

@@ -171,13 +171,11 @@ def window_adam_update_native(param: torch.Tensor, idx: torch.Tensor, vals: torc
                               ) -> None:
     """Native CPU twin of :func:`window_adam_update` (same bits); the PyTorch twin where it does
     not apply (no library, ``dense``, fp16 or non-contiguous parameters, non-CPU tensors)."""
-    lib = _native.library()
     floats = (torch.float32, torch.bfloat16)
-    if (lib is None or dense is not None or param.dtype not in floats or vals.dtype not in floats
+    if (dense is not None or param.dtype not in floats or vals.dtype not in floats
             or idx.dtype != torch.int16 or layout.block > MAX_INT16_BLOCK
             or param.numel() != layout.numel or idx.dim() != 2 or idx.shape != vals.shape
-            or idx.shape[1] != layout.k
-            or any(t.device.type != "cpu" or not t.is_contiguous() for t in (param, idx, vals))):
+            or idx.shape[1] != layout.k or not _native.takes(param, idx, vals)):
         return window_adam_update(param, idx, vals, layout, step, beta1, beta2, eps, lr,
                                   weight_decay, sr_seed, dense)
     if param.numel() == 0:
@@ -189,7 +187,7 @@ def window_adam_update_native(param: torch.Tensor, idx: torch.Tensor, vals: torc
     c1, c2 = adam_coefficients(step, beta1, beta2)
     sr = sr_seed is not None and param.dtype == torch.bfloat16
     mode = 0 if param.dtype == torch.float32 else (2 if sr else 1)
-    rc = lib.hco_window_adam(param.data_ptr(), mode, idx.data_ptr(), vals.data_ptr(),
+    rc = _native.library().hco_window_adam(param.data_ptr(), mode, idx.data_ptr(), vals.data_ptr(),
                              vals.dtype == torch.bfloat16, layout.k, nrows, w1.data_ptr(),
                              w2.data_ptr(), layout.block, layout.num_full, layout.k_full,
                              layout.tail, layout.k_tail, c1, c2, eps, lr,
