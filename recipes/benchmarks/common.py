@@ -177,6 +177,14 @@ def write_json(obj, path: str | None, indent: int = 1) -> None:
             json.dump(obj, f, indent=indent)
 
 
+def print_saved(path: str, render) -> dict:
+    """``--from-json``: print ``render`` of the results saved at ``path`` and return them."""
+    with open(path) as f:
+        res = json.load(f)
+    print(render(res))
+    return res
+
+
 # ------------------------------------------------------------------ child processes
 CHILD_MARKER = "BENCH_CHILD_RESULT "
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import resource
 import statistics
@@ -52,8 +51,8 @@ from hf_compressed_optim.kernels import dispatch as K
 from hf_compressed_optim.kernels.layout import TopKLayout
 
 from .common import (TINYLLAMA, add_peers_path, build_llama, child_result, llama_shapes,
-                     machine_info, make_params, md_table, peer_versions, report_to_parent,
-                     start_child, sync, versions, write_json)
+                     machine_info, make_params, md_table, peer_versions, print_saved,
+                     report_to_parent, start_child, sync, versions, write_json)
 from .process_memory import reset_peak, rss_bytes, vm_hwm
 
 # ============================================================================ parameter sets
@@ -406,10 +405,7 @@ def main(argv=None) -> dict:
                                               args.trainer_child_steps, args.trainer_batch,
                                               args.seed))
     if args.from_json:
-        with open(args.from_json) as f:
-            res = json.load(f)
-        print(to_markdown(res))
-        return res
+        return print_saved(args.from_json, to_markdown)
 
     def log(msg: str) -> None:
         print(msg, flush=True)

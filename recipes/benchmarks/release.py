@@ -26,15 +26,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import statistics
 import sys
 import time
 
 import torch
 
-from .common import (add_peers_path, child_result, machine_info, md_table, report_to_parent,
-                     start_child, versions, write_json)
+from .common import (add_peers_path, child_result, machine_info, md_table, print_saved,
+                     report_to_parent, start_child, versions, write_json)
 from .process_memory import reset_peak, rss_bytes, vm_hwm
 
 #: TinyLlama-1.1B's shape: (hidden, layers, intermediate, heads, kv_heads), vocabulary
@@ -244,10 +243,7 @@ def main(argv=None) -> dict:
         return report_to_parent(child(a.case, a.model, a.steps, a.layers, a.seq))
     args = parse_args(argv)
     if args.from_json:
-        with open(args.from_json) as f:
-            res = json.load(f)
-        print(markdown(res))
-        return res
+        return print_saved(args.from_json, markdown)
     add_peers_path(args.peers_path)
     res = dict(command="python -m recipes.benchmarks.release " + " ".join(argv),
                date=datetime.date.today().isoformat(), machine=machine_info(),

@@ -55,8 +55,8 @@ import sys
 import tempfile
 import time
 
-from .common import (REPO, child_result, machine_info, md_table, report_to_parent, start_child,
-                     versions, write_json)
+from .common import (REPO, child_result, machine_info, md_table, print_saved, report_to_parent,
+                     start_child, versions, write_json)
 from .process_memory import reset_peak, rss_bytes, vm_hwm
 
 OPTIMIZERS = ("adamw_torch", "microadam", "efcp_mfac", "efcp_ggt", "shampoo_4bit",
@@ -253,14 +253,10 @@ def settings_for(model_name: str, args) -> dict:
 
 
 def main(argv=None) -> dict:
-    import json
 
     args = parse_args(argv)
     if args.from_json:
-        with open(args.from_json) as f:
-            res = json.load(f)
-        print(tables(res))
-        return res
+        return print_saved(args.from_json, tables)
     if args.child:
         s = settings_for(args.model, args)
         return report_to_parent(measure(args.model, args.optim, s["batch"], s["block"],
