@@ -158,7 +158,7 @@ def child_ratios(root: str, names: list[str], rounds: int, block: int) -> dict:
 #: glibc malloc settings of the ``--ratios`` children (``--default-malloc``: none). With glibc's
 #: dynamic thresholds an 8 MiB temporary is sometimes reused and sometimes a fresh, page-faulting
 #: mapping, depending on what else the process freed: AdamW's step measured 17 ms in one process
-#: and 33-34 ms in every round of another. Fixed at 32 MiB (the dynamic threshold's ceiling),
+#: and 33-36 ms in every round of another. Fixed at 32 MiB (the dynamic threshold's ceiling),
 #: every optimizer's temporaries are reused, as they are in a long run once the threshold rose.
 STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
 
