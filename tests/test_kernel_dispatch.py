@@ -34,6 +34,8 @@ def _step_twice(make):
     return params
 
 
+@pytest.mark.skipif(not K.triton_available(),
+                    reason="needs triton installed (without it: the test below)")
 @pytest.mark.parametrize("name", list(_optimizers()))
 def test_forced_triton_on_cpu_without_interpreter_raises_clear_error(name, monkeypatch):
     monkeypatch.setenv(K.ENV_VAR, "triton")
