@@ -114,3 +114,18 @@ def test_benchmark_shampoo_quick_convergence(tmp_path, keep_threads):
     assert math.isfinite(conv["rel_gap_4bit_vs_32bit"])
     for run in conv["runs"].values():  # every run learned from its first logged step
         assert run["final_eval"] < run["train"][0]
+
+
+def test_benchmark_shampoo_quick_cycle_breaks_steps_down_by_kind(tmp_path, keep_threads):
+    """The step-cost part times whole T2 cycles and each step by what it does: the plain
+    steps, the T1 statistics updates and the T2 root refreshes partition every cycle."""
+    bench = load_recipe("benchmarks.shampoo")
+    out = tmp_path / "cycle.json"
+    bench.main(["--part", "cycle", "--quick", "--json", str(out)])
+    cycle = json.loads(out.read_text())["cycle"]
+    kinds = cycle["step_kinds"]
+    assert {"plain", "stats", "stats+roots"} <= set(kinds)
+    assert sum(k["steps_per_cycle"] for k in kinds.values()) == cycle["t2"]
+    for row in kinds.values():
+        assert all(s > 0 for s in row["median_step_cpu_s"].values())
+        assert math.isfinite(row["ratio_4bit_vs_32bit"])

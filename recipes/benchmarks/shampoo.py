@@ -204,16 +204,28 @@ def bench_cycle(args) -> dict:
                              root_update_interval=args.t2)
     cycles: dict = {32: [], 4: []}
     cpu: dict = {32: [], 4: []}  # process CPU time: less sensitive to other jobs on the machine
+    by_kind: dict = {32: {}, 4: {}}  # CPU seconds of each step, by what the step does
     for rnd in range(args.cycles + 1):  # the first round warms up (and builds the statistics)
         for bits, opt in opts.items():
             t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(args.t2):
+                s0 = time.process_time()
                 opt.step()
+                if rnd:
+                    t = opt.state[opt.param_groups[0]["params"][0]]["step"]
+                    by_kind[bits].setdefault(step_kind(opt, int(t)), []).append(
+                        time.process_time() - s0)
             if rnd:
                 cycles[bits].append(time.perf_counter() - t0)
                 cpu[bits].append(time.process_time() - c0)
     med = {bits: statistics.median(c) for bits, c in cycles.items()}
     med_cpu = {bits: statistics.median(c) for bits, c in cpu.items()}
+    kinds = {kind: {"median_step_cpu_s": {str(b): statistics.median(by_kind[b][kind])
+                                          for b in (32, 4)},
+                    "steps_per_cycle": len(by_kind[4][kind]) // args.cycles}
+             for kind in by_kind[4]}
+    for kind, row in kinds.items():
+        row["ratio_4bit_vs_32bit"] = row["median_step_cpu_s"]["4"] / row["median_step_cpu_s"]["32"]
     out = {"params": sum(a * b for a, b in shapes), "t1": args.t1, "t2": args.t2,
            "threads": torch.get_num_threads(),
            "cycle_s": {str(b): c for b, c in cycles.items()},
@@ -221,11 +233,23 @@ def bench_cycle(args) -> dict:
            "ratio_4bit_vs_32bit": med[4] / med[32],
            "cycle_cpu_s": {str(b): c for b, c in cpu.items()},
            "median_cycle_cpu_s": {str(b): m for b, m in med_cpu.items()},
-           "ratio_4bit_vs_32bit_cpu": med_cpu[4] / med_cpu[32]}
+           "ratio_4bit_vs_32bit_cpu": med_cpu[4] / med_cpu[32],
+           "step_kinds": kinds}
+    for kind, row in kinds.items():
+        m = row["median_step_cpu_s"]
+        print(f"  {kind:12s} x{row['steps_per_cycle']:<3d} 32-bit {m['32']:.3f} s, 4-bit "
+              f"{m['4']:.3f} s per step ({row['ratio_4bit_vs_32bit']:.2f}x)", flush=True)
     print(f"cycle: 32-bit {med[32]:.2f} s, 4-bit {med[4]:.2f} s per {args.t2} steps "
           f"({out['ratio_4bit_vs_32bit']:.2f}x; CPU time {med_cpu[32]:.2f} / {med_cpu[4]:.2f} s, "
           f"{out['ratio_4bit_vs_32bit_cpu']:.2f}x)", flush=True)
     return out
+
+
+def step_kind(opt: Shampoo, t: int) -> str:
+    """What step ``t`` of ``opt``'s first group does: ``plain`` (precondition only), ``stats``
+    (T1: statistics update, for 4-bit the eigen-refresh), ``roots`` (T2), ``stats+roots``."""
+    stats, roots, _ = opt.schedule(opt.param_groups[0], t)
+    return "+".join(k for k, on in (("stats", stats), ("roots", roots)) if on) or "plain"
 
 
 # ---------------------------------------------------------------------------------- model/data
