@@ -143,6 +143,13 @@ def takes(*tensors) -> bool:
                                          for t in tensors)
 
 
+def call(name: str, *args) -> None:
+    """Run the loop ``name`` of the loaded library (:func:`takes` said yes). The loops return
+    non-zero only when their per-thread scratch cannot be allocated: a :class:`MemoryError`."""
+    if getattr(library(), name)(*args) != 0:
+        raise MemoryError(f"native {name}: no memory for its per-thread scratch")
+
+
 def unavailable() -> str | None:
     """None when :func:`library` works, else why it does not (builds on the first call)."""
     library()

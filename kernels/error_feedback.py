@@ -75,13 +75,11 @@ def compress_native(grad: torch.Tensor, codes: torch.Tensor, mins: torch.Tensor,
     """The native loop (see :func:`native_compress_applies`). ``keep_rounding``: the selected
     entries of the new error are ``a - stored value`` (EFCP) instead of 0 (MicroAdam)."""
     bf16 = torch.bfloat16
-    rc = _native.library().hco_ef_compress(
-        grad.data_ptr(), grad.dtype == bf16, codes.data_ptr(), mins.data_ptr(), maxs.data_ptr(),
-        mins.dtype == bf16, int(bucket), layout.block, layout.num_full, layout.k_full,
-        layout.tail, layout.k_tail, idx_out.data_ptr(), val_out.data_ptr(), val_out.dtype == bf16,
-        bool(keep_rounding), torch.get_num_threads())
-    if rc != 0:
-        raise MemoryError("native error-feedback compression: no memory for the block scratch")
+    _native.call(
+        "hco_ef_compress", grad.data_ptr(), grad.dtype == bf16, codes.data_ptr(),
+        mins.data_ptr(), maxs.data_ptr(), mins.dtype == bf16, int(bucket), layout.block,
+        layout.num_full, layout.k_full, layout.tail, layout.k_tail, idx_out.data_ptr(),
+        val_out.data_ptr(), val_out.dtype == bf16, bool(keep_rounding), torch.get_num_threads())
 
 
 def error_feedback_compress_native(grad: torch.Tensor, codes: torch.Tensor, mins: torch.Tensor,

@@ -122,13 +122,11 @@ def _native_applies(idx: torch.Tensor, vals: torch.Tensor, layout: TopKLayout,
 def _dot_native(idx: torch.Tensor, vals: torch.Tensor, layout: TopKLayout,
                 x: torch.Tensor | None, slot: int, m: int) -> torch.Tensor:
     out = torch.empty(m, dtype=torch.float64)
-    rc = _native.library().hco_sparse_dot(
-        idx.data_ptr(), vals.data_ptr(), vals.dtype == torch.bfloat16,
+    _native.call(
+        "hco_sparse_dot", idx.data_ptr(), vals.data_ptr(), vals.dtype == torch.bfloat16,
         x.data_ptr() if x is not None else None, slot, layout.k, m, layout.block,
         layout.num_full, layout.k_full, layout.tail, layout.k_tail, out.data_ptr(),
         torch.get_num_threads())
-    if rc != 0:
-        raise MemoryError("sparse_rows_dot_native: no memory for the row scratch")
     return out
 
 
@@ -184,10 +182,10 @@ def sparse_rows_combine_native(idx: torch.Tensor, vals: torch.Tensor, layout: To
     if not work or not _native_applies(idx, vals, layout, out):
         return sparse_rows_combine(idx, vals, layout, coeffs, out, nrows, zero_first)
     c = coeffs[:m].to(device="cpu", dtype=torch.float32).contiguous()
-    _native.library().hco_sparse_combine(
-        idx.data_ptr(), vals.data_ptr(), vals.dtype == torch.bfloat16, c.data_ptr(),
-        out.data_ptr(), layout.k, m, layout.block, layout.num_full, layout.k_full, layout.tail,
-        layout.k_tail, bool(zero_first), torch.get_num_threads())
+    _native.call(
+        "hco_sparse_combine", idx.data_ptr(), vals.data_ptr(), vals.dtype == torch.bfloat16,
+        c.data_ptr(), out.data_ptr(), layout.k, m, layout.block, layout.num_full, layout.k_full,
+        layout.tail, layout.k_tail, bool(zero_first), torch.get_num_threads())
 
 
 @jit

@@ -187,13 +187,12 @@ def window_adam_update_native(param: torch.Tensor, idx: torch.Tensor, vals: torc
     c1, c2 = adam_coefficients(step, beta1, beta2)
     sr = sr_seed is not None and param.dtype == torch.bfloat16
     mode = 0 if param.dtype == torch.float32 else (2 if sr else 1)
-    rc = _native.library().hco_window_adam(
-        param.data_ptr(), mode, idx.data_ptr(), vals.data_ptr(), vals.dtype == torch.bfloat16,
-        layout.k, nrows, w1.data_ptr(), w2.data_ptr(), layout.block, layout.num_full, layout.k_full,
-        layout.tail, layout.k_tail, c1, c2, eps, lr, 1.0 - lr * weight_decay, weight_decay != 0.0,
-        _seed32(sr_seed) if sr else 0, torch.get_num_threads())
-    if rc != 0:
-        raise MemoryError("window_adam_update_native: no memory for the block scratch")
+    _native.call(
+        "hco_window_adam", param.data_ptr(), mode, idx.data_ptr(), vals.data_ptr(),
+        vals.dtype == torch.bfloat16, layout.k, nrows, w1.data_ptr(), w2.data_ptr(), layout.block,
+        layout.num_full, layout.k_full, layout.tail, layout.k_tail, c1, c2, eps, lr,
+        1.0 - lr * weight_decay, weight_decay != 0.0, _seed32(sr_seed) if sr else 0,
+        torch.get_num_threads())
     # the loop wrote behind autograd's back: bump the version counter as an in-place op does
     if not param.is_inference():  # inference tensors keep no version counter
         torch.autograd.graph.increment_version(param)
